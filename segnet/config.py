@@ -1,0 +1,537 @@
+"""The experiment: a typed, frozen dataclass tree parsed strictly from YAML.
+
+Every section is a frozen dataclass whose fields carry their defaults and a one-line comment.
+Cross-field rules live in each class's ``validate()``, next to the fields they relate, and
+return ``(relative dotted path, message)`` pairs so the parser can report every problem in a
+file at once. Load with :func:`load_config`; the result is what a run directory stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from segnet.errors import ConfigError
+from segnet.strict_dataclass import from_dict, set_path, to_dict
+
+Problems = list[tuple[str, str]]
+
+Norm = Literal["batch", "instance", "group", "none"]
+Activation = Literal["relu", "leaky_relu", "elu", "gelu", "swish"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CaseEntry:
+    """One case of an explicit dataset list (``data.format: list``)."""
+
+    id: str = ""  # unique case identifier
+    images: tuple[str, ...] = ()  # one file per channel, relative to data.root
+    label: str | None = None  # label map, relative to data.root; None for unlabelled images
+
+    def validate(self) -> Problems:
+        problems: Problems = []
+        if not self.id:
+            problems.append(("id", "must be a non-empty string"))
+        if not self.images:
+            problems.append(("images", "must list at least one image file"))
+        return problems
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Which cases train and which are held out for validation/evaluation."""
+
+    folds_file: str | None = None  # JSON {"folds": {"0": [ids...], ...}}; relative to data.root
+    fold: int = 0  # the held-out fold; the others train
+    num_folds: int = 5  # folds made by a seeded shuffle when there is no folds_file
+    seed: int = 0  # seed of that shuffle
+    train: tuple[str, ...] = ()  # explicit training case ids (overrides folds)
+    val: tuple[str, ...] = ()  # explicit held-out case ids (overrides folds)
+
+    def validate(self) -> Problems:
+        problems: Problems = []
+        if self.num_folds < 2:
+            problems.append(("num_folds", f"must be at least 2, got {self.num_folds}"))
+        elif not self.folds_file and not 0 <= self.fold < self.num_folds:
+            problems.append(("fold", f"must be in 0..{self.num_folds - 1}, got {self.fold}"))
+        if self.fold < 0:
+            problems.append(("fold", f"must be >= 0, got {self.fold}"))
+        overlap = set(self.train) & set(self.val)
+        if overlap:
+            problems.append(("val", f"cases in both train and val: {sorted(overlap)[:5]}"))
+        return problems
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the volumes are and how patches are drawn from them."""
+
+    root: str = "data/synthetic"  # dataset directory (relative paths resolve from the cwd)
+    format: Literal["auto", "msd", "folders", "list"] = "auto"  # auto: dataset.json, else folders
+    cases: tuple[CaseEntry, ...] = ()  # the explicit case list for format: list
+    synthetic: bool = False  # generate the synthetic phantom dataset into root when missing
+    num_classes: int = 4  # label values 0..num_classes-1, background included
+    num_channels: int = 1  # image channels (nnU-Net suffixes _0000, _0001, ...)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    patch_size: tuple[int, int, int] = (64, 64, 64)  # (depth, height, width) voxels
+    foreground_fraction: float = 0.33  # share of patches forced to contain a foreground class
+    skip_bad_cases: bool = False  # drop unusable cases with a report instead of stopping
+    pad_small_volumes: bool = True  # pad volumes smaller than the patch instead of failing
+    cache_dir: str = "data/cache"  # preprocessed, memory-mappable copies of the cases
+    num_workers: int = 0  # parallel map calls in tf.data; 0 means AUTOTUNE
+    max_cached_cases: int = 0  # 0: open every case memory-mapped; >0 bounds resident cases
+
+    def validate(self) -> Problems:
+        problems: Problems = []
+        if self.num_classes < 2:
+            problems.append(("num_classes", f"must be at least 2, got {self.num_classes}"))
+        if self.num_channels < 1:
+            problems.append(("num_channels", f"must be at least 1, got {self.num_channels}"))
+        if any(p < 1 for p in self.patch_size):
+            problems.append(("patch_size", f"sizes must be positive, got {list(self.patch_size)}"))
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            problems.append(("foreground_fraction", "must be in [0, 1]"))
+        if self.format == "list" and not self.cases:
+            problems.append(("cases", "format 'list' needs at least one case"))
+        if self.num_workers < 0:
+            problems.append(("num_workers", "must be >= 0 (0 means AUTOTUNE)"))
+        return problems
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    """Applied identically at training and inference time, and undone on predictions."""
+
+    resample: bool = False  # resample every case to target_spacing
+    target_spacing: tuple[float, float, float] | None = None  # mm; None: the dataset median
+    image_interpolation: Literal["linear", "cubic"] = "linear"  # labels always use nearest
+    crop_to_nonzero: bool = True  # crop to the bounding box of non-zero image voxels
+    normalization: Literal["zscore", "ct", "range", "none"] = "zscore"  # per channel
+    ct_percentiles: tuple[float, float] = (0.5, 99.5)  # 'ct': clip to foreground percentiles
+    intensity_range: tuple[float, float] = (0.0, 1.0)  # 'range': clip to this, scale to [0, 1]
+    use_cache: bool = True  # keep preprocessed cases in data.cache_dir
+
+    def validate(self) -> Problems:
+        problems: Problems = []
+        if self.target_spacing is not None and any(s <= 0 for s in self.target_spacing):
+            problems.append(("target_spacing", "spacings must be positive millimetres"))
+        lo, hi = self.ct_percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            problems.append(("ct_percentiles", "must satisfy 0 <= low < high <= 100"))
+        if self.intensity_range[0] >= self.intensity_range[1]:
+            problems.append(("intensity_range", "low must be below high"))
+        return problems
+
+
+@dataclass(frozen=True)
+class AugmentationConfig:
+    """Random transforms of training patches; each has its own probability."""
+
+    enabled: bool = True  # master switch
+    flip_prob: float = 0.5  # per axis in flip_axes
+    flip_axes: tuple[int, ...] = (0, 1, 2)  # spatial axes (0 = depth)
+    rot90_prob: float = 0.0  # 90-degree rotations in the axial (height, width) plane
+    affine_prob: float = 0.2  # random rotation + scaling, resampled on the fly
+    rotation_degrees: float = 15.0  # max absolute rotation per axis
+    scale_range: tuple[float, float] = (0.85, 1.15)  # isotropic zoom factor
+    intensity_scale_prob: float = 0.15
+    intensity_scale_range: tuple[float, float] = (0.75, 1.25)
+    intensity_shift_prob: float = 0.15
+    intensity_shift_std: float = 0.1  # shift in units of the normalised intensity
+    gamma_prob: float = 0.15
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    noise_prob: float = 0.15
+    noise_std: float = 0.1
+    blur_prob: float = 0.1
+    blur_sigma_range: tuple[float, float] = (0.5, 1.0)  # voxels
+
+    def validate(self) -> Problems:
+        problems: Problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_prob") and not 0.0 <= value <= 1.0:
+                problems.append((f.name, f"must be a probability in [0, 1], got {value}"))
+            if f.name.endswith("_range") and value[0] > value[1]:
+                problems.append((f.name, f"low must not exceed high, got {list(value)}"))
+        if any(a not in (0, 1, 2) for a in self.flip_axes):
+            problems.append(("flip_axes", "axes must be 0, 1 or 2"))
+        for name in ("noise_std", "intensity_shift_std", "rotation_degrees"):
+            if getattr(self, name) < 0:
+                problems.append((name, "must be >= 0"))
+        if self.scale_range[0] <= 0 or self.gamma_range[0] <= 0:
+            problems.append(("scale_range" if self.scale_range[0] <= 0 else "gamma_range",
+                             "must be positive"))
+        return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+def _encoder_problems(depth: int, filters: int, growth: float, dropout: float) -> Problems:
+    problems: Problems = []
+    if not 1 <= depth <= 7:
+        problems.append(("depth", f"must be in 1..7, got {depth}"))
+    if filters < 1:
+        problems.append(("filters", f"must be positive, got {filters}"))
+    if growth < 1.0:
+        problems.append(("growth", f"must be >= 1, got {growth}"))
+    if not 0.0 <= dropout < 1.0:
+        problems.append(("dropout", f"must be in [0, 1), got {dropout}"))
+    return problems
+
+
+@dataclass(frozen=True)
+class UNet3DConfig:
+    """3D U-Net; ``input_downsample`` runs it at a lower resolution inside the graph."""
+
+    depth: int = 4  # number of poolings; patch sizes must divide by 2**depth * input_downsample
+    filters: int = 16  # filters at the first level
+    growth: float = 2.0  # filters multiply by this per level
+    max_filters: int = 320  # cap, as nnU-Net does
+    convs_per_level: int = 2
+    norm: Norm = "instance"
+    groups: int = 8  # for norm: group
+    activation: Activation = "leaky_relu"
+    dropout: float = 0.0
+    upsampling: Literal["transpose", "resize"] = "transpose"  # decoder up-sampling
+    deep_supervision: bool = False  # extra heads at lower decoder levels
+    input_downsample: Literal[1, 2, 4] = 1  # AveragePooling3D factor applied inside the graph
+    output_upsample: Literal["learned", "trilinear"] = "trilinear"  # back to full resolution
+    loss_at: Literal["full", "low"] = "full"  # 'low': loss vs labels averaged down in-graph
+
+    def validate(self) -> Problems:
+        problems = _encoder_problems(self.depth, self.filters, self.growth, self.dropout)
+        if self.convs_per_level < 1:
+            problems.append(("convs_per_level", "must be at least 1"))
+        if self.max_filters < self.filters:
+            problems.append(("max_filters", "must be >= filters"))
+        if self.loss_at == "low" and self.input_downsample == 1:
+            problems.append(("loss_at", "'low' needs input_downsample 2 or 4"))
+        return problems
+
+    @property
+    def divisor(self) -> int:
+        return 2**self.depth * self.input_downsample
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """Coarse-to-fine: a low-resolution U-Net guides a full-resolution one."""
+
+    downsample: Literal[2, 4] = 2  # resolution factor of the first stage
+    low: UNet3DConfig = field(default_factory=lambda: UNet3DConfig(depth=3))
+    high: UNet3DConfig = field(default_factory=lambda: UNet3DConfig(depth=4))
+    train_stage: Literal["joint", "low", "high"] = "joint"  # which stage's weights train
+
+    def validate(self) -> Problems:
+        problems: Problems = []
+        for name in ("low", "high"):
+            if getattr(self, name).input_downsample != 1:
+                problems.append((f"{name}.input_downsample", "must be 1 inside a cascade"))
+        return problems
+
+    @property
+    def divisor(self) -> int:
+        return max(2**self.low.depth * self.downsample, 2**self.high.depth)
+
+
+@dataclass(frozen=True)
+class SegNetConfig:
+    """SegNet: max-pool encoder, decoder that unpools at the encoder's argmax positions."""
+
+    spatial_dims: Literal[2, 3] = 3  # 2: slices of the patch's (height, width)
+    depth: int = 4  # number of pool/unpool pairs; odd sizes are handled exactly
+    filters: int = 16
+    growth: float = 2.0
+    max_filters: int = 256
+    convs_per_level: int = 2
+    norm: Norm = "batch"
+    groups: int = 8
+    activation: Activation = "relu"
+    dropout: float = 0.0
+
+    def validate(self) -> Problems:
+        problems = _encoder_problems(self.depth, self.filters, self.growth, self.dropout)
+        if self.convs_per_level < 1:
+            problems.append(("convs_per_level", "must be at least 1"))
+        if self.max_filters < self.filters:
+            problems.append(("max_filters", "must be >= filters"))
+        return problems
+
+    @property
+    def divisor(self) -> int:
+        return 1  # the argmax unpooling crops back to any recorded size
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``name`` picks the architecture; its sub-config below holds its settings."""
+
+    name: str = "segnet"  # a key of segnet.models.registry
+    unet3d: UNet3DConfig = field(default_factory=UNet3DConfig)
+    unet3d_cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    segnet: SegNetConfig = field(default_factory=SegNetConfig)
+
+    def validate(self) -> Problems:
+        names = [f.name for f in dataclasses.fields(self) if f.name != "name"]
+        if self.name not in names:
+            from segnet.strict_dataclass import suggest
+
+            return [("name", f"unknown model '{self.name}'{suggest(self.name, names)}")]
+        return []
+
+    @property
+    def selected(self) -> UNet3DConfig | CascadeConfig | SegNetConfig:
+        return getattr(self, self.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossConfig:
+    """Computed in float32 whatever the compute precision."""
+
+    name: Literal["dice_ce", "dice", "ce"] = "dice_ce"
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    class_weights: tuple[float, ...] | None = None  # cross-entropy weight per class
+    include_background_in_dice: bool = False
+    deep_supervision_weights: tuple[float, ...] | None = None  # None: halve per level
+    smooth: float = 1e-5
+
+    def validate(self) -> Problems:
+        problems: Problems = []
+        if self.dice_weight < 0 or self.ce_weight < 0:
+            problems.append(("dice_weight", "weights must be >= 0"))
+        if self.class_weights is not None and any(w < 0 for w in self.class_weights):
+            problems.append(("class_weights", "weights must be >= 0"))
+        return problems
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """SGD + Nesterov + poly decay is nnU-Net's default; AdamW pairs with warm-up + cosine."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    learning_rate: float = 0.01  # peak learning rate
+    momentum: float = 0.99  # SGD only
+    nesterov: bool = True  # SGD only
+    weight_decay: float = 3e-5
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    poly_power: float = 0.9
+    warmup_steps: int = 0  # linear warm-up from 0 to learning_rate
+    clip_norm: float | None = 12.0  # global gradient norm clipping; null disables it
+
+    def validate(self) -> Problems:
+        problems: Problems = []
+        if self.learning_rate <= 0:
+            problems.append(("learning_rate", f"must be positive, got {self.learning_rate}"))
+        if not 0.0 <= self.momentum < 1.0:
+            problems.append(("momentum", "must be in [0, 1)"))
+        if self.weight_decay < 0:
+            problems.append(("weight_decay", "must be >= 0"))
+        if self.warmup_steps < 0:
+            problems.append(("warmup_steps", "must be >= 0"))
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            problems.append(("clip_norm", "must be positive or null"))
+        return problems
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop's length and cadence."""
+
+    epochs: int = 10
+    steps_per_epoch: int = 50
+    batch_size: int = 2  # global batch: split across replicas under a distribution strategy
+    seed: int = 0  # seeds weights, patch sampling and augmentation
+    val_every: int = 1  # validate every N epochs (0 disables validation)
+    val_max_cases: int = 0  # validate on at most this many held-out cases (0 = all)
+    deterministic: bool = False  # tf.config.experimental.enable_op_determinism
+
+    def validate(self) -> Problems:
+        problems: Problems = []
+        for name in ("epochs", "steps_per_epoch", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append((name, f"must be at least 1, got {getattr(self, name)}"))
+        for name in ("val_every", "val_max_cases"):
+            if getattr(self, name) < 0:
+                problems.append((name, f"must be >= 0, got {getattr(self, name)}"))
+        return problems
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0  # also save every N steps (0: only at epoch ends)
+    keep: int = 3  # latest checkpoints kept; the best one is kept apart
+    keep_best: bool = True  # keep the best by mean validation Dice in checkpoints/best
+
+    def validate(self) -> Problems:
+        problems: Problems = []
+        if self.every_steps < 0:
+            problems.append(("every_steps", "must be >= 0"))
+        if self.keep < 1:
+            problems.append(("keep", "must be at least 1"))
+        return problems
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Sliding-window inference and metrics on held-out volumes."""
+
+    window: tuple[int, int, int] | None = None  # None: data.patch_size
+    overlap: float = 0.5  # fraction of the window shared by neighbours
+    weighting: Literal["gaussian", "constant"] = "gaussian"  # sigma = window * sigma_scale
+    sigma_scale: float = 0.125
+    batch_size: int = 2  # windows per forward pass
+    mirror_axes: tuple[int, ...] = ()  # test-time mirroring over these spatial axes
+    accumulate_on_cpu: bool = False  # bound accelerator memory on very large volumes
+    keep_largest_component: bool = False  # per class post-processing
+    nsd_tolerance_mm: float = 1.0  # normalised surface Dice tolerance
+    save_probabilities: bool = False  # also write a probability map per case
+    montage: bool = True  # PNG montage per case
+
+    def validate(self) -> Problems:
+        problems: Problems = []
+        if not 0.0 <= self.overlap < 1.0:
+            problems.append(("overlap", f"must be in [0, 1), got {self.overlap}"))
+        if self.window is not None and any(w < 1 for w in self.window):
+            problems.append(("window", "sizes must be positive"))
+        if self.batch_size < 1:
+            problems.append(("batch_size", "must be at least 1"))
+        if any(a not in (0, 1, 2) for a in self.mirror_axes):
+            problems.append(("mirror_axes", "axes must be 0, 1 or 2"))
+        if self.sigma_scale <= 0 or self.nsd_tolerance_mm < 0:
+            problems.append(("sigma_scale", "sigma_scale must be > 0, tolerance >= 0"))
+        return problems
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+    jit_compile: bool = False  # XLA: slower for 3D convolutions on CPU, often faster on GPU
+    sync_batchnorm: bool = False  # synchronise BatchNorm statistics across replicas
+    log_every_steps: int = 10  # TensorBoard scalar cadence
+
+    def validate(self) -> Problems:
+        if self.log_every_steps < 1:
+            return [("log_every_steps", "must be at least 1")]
+        return []
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The whole experiment, as stored in ``<run_dir>/config.yaml``."""
+
+    name: str = "experiment"  # default run directory: runs/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self) -> Problems:
+        problems: Problems = []
+        if not self.name or "/" in self.name:
+            problems.append(("name", "must be a non-empty name without '/'"))
+        problems += self._patch_rules()
+        weights = self.loss.class_weights
+        if weights is not None and len(weights) != self.data.num_classes:
+            problems.append(("loss.class_weights", f"needs {self.data.num_classes} values "
+                                                   f"(data.num_classes), got {len(weights)}"))
+        return problems
+
+    def _patch_rules(self) -> Problems:
+        selected = self.model.selected
+        divisor = selected.divisor
+        bad = [p for p in self.data.patch_size if p % divisor]
+        if bad:
+            return [("data.patch_size", f"{list(self.data.patch_size)} must be divisible by "
+                     f"{divisor} for model '{self.model.name}' (2**depth x input downsampling); "
+                     f"try {[max(divisor, math.ceil(p / divisor) * divisor) for p in self.data.patch_size]}")]
+        return []
+
+    @property
+    def window(self) -> tuple[int, int, int]:
+        return self.evaluation.window or self.data.patch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=c"`` -> ``("a.b", yaml value of c)``; raises ConfigError on malformed text."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {text!r}: expected key.path=value, e.g. train.epochs=5"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"--set {key}: value is not valid YAML ({exc.__class__.__name__})"])
+    return key.strip(), value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in ``path``; ConfigError names the file and line for every failure."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"config file not found; check the path ({path})"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read config file {path}: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"invalid YAML at{where}: {problem}"], source=str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(["the top level must be a mapping of sections (data:, model:, ...)"],
+                          source=str(path))
+    return data
+
+
+def build_config(data: dict[str, Any], overrides: list[str] = (), source: str | None = None
+                 ) -> ExperimentConfig:
+    """Validates plain data (plus ``key=value`` overrides) into an ExperimentConfig."""
+    data = dict(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_path(data, key, value)
+    config, problems = from_dict(ExperimentConfig, data)
+    if problems or config is None:
+        raise ConfigError(problems, source=source)
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Reads a YAML experiment (or only defaults when ``path`` is None) and validates it."""
+    data = read_yaml(path) if path is not None else {}
+    return build_config(data, list(overrides), source=str(path) if path else None)
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    return to_dict(config)
+
+
+def config_to_yaml(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=None)

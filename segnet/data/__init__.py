@@ -1,0 +1,1 @@
+"""Volume I/O, dataset description and validation, preprocessing, the tf.data pipeline."""
