@@ -167,8 +167,9 @@ class AugmentationConfig:
             if getattr(self, name) < 0:
                 problems.append((name, "must be >= 0"))
         if self.scale_range[0] <= 0 or self.gamma_range[0] <= 0:
-            problems.append(("scale_range" if self.scale_range[0] <= 0 else "gamma_range",
-                             "must be positive"))
+            problems.append(
+                ("scale_range" if self.scale_range[0] <= 0 else "gamma_range", "must be positive")
+            )
         return problems
 
 
@@ -452,8 +453,12 @@ class ExperimentConfig:
         problems += self._patch_rules()
         weights = self.loss.class_weights
         if weights is not None and len(weights) != self.data.num_classes:
-            problems.append(("loss.class_weights", f"needs {self.data.num_classes} values "
-                                                   f"(data.num_classes), got {len(weights)}"))
+            problems.append(
+                (
+                    "loss.class_weights",
+                    f"needs {self.data.num_classes} values (data.num_classes), got {len(weights)}",
+                )
+            )
         return problems
 
     def _patch_rules(self) -> Problems:
@@ -461,9 +466,14 @@ class ExperimentConfig:
         divisor = selected.divisor
         bad = [p for p in self.data.patch_size if p % divisor]
         if bad:
-            return [("data.patch_size", f"{list(self.data.patch_size)} must be divisible by "
-                     f"{divisor} for model '{self.model.name}' (2**depth x input downsampling); "
-                     f"try {[max(divisor, math.ceil(p / divisor) * divisor) for p in self.data.patch_size]}")]
+            return [
+                (
+                    "data.patch_size",
+                    f"{list(self.data.patch_size)} must be divisible by "
+                    f"{divisor} for model '{self.model.name}' (2**depth x input downsampling); "
+                    f"try {[max(divisor, math.ceil(p / divisor) * divisor) for p in self.data.patch_size]}",
+                )
+            ]
         return []
 
     @property
@@ -505,19 +515,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(["the top level must be a mapping of sections (data:, model:, ...)"],
-                          source=str(path))
+        raise ConfigError(
+            ["the top level must be a mapping of sections (data:, model:, ...)"], source=str(path)
+        )
     return data
 
 
-def build_config(data: dict[str, Any], overrides: list[str] = (), source: str | None = None
-                 ) -> ExperimentConfig:
+def build_config(
+    data: dict[str, Any], overrides: list[str] = (), source: str | None = None
+) -> ExperimentConfig:
     """Validates plain data (plus ``key=value`` overrides) into an ExperimentConfig."""
     data = dict(data)
+    syntax_problems: list[str] = []
     for text in overrides:
-        key, value = parse_override(text)
+        try:
+            key, value = parse_override(text)
+        except ConfigError as exc:
+            syntax_problems += exc.problems
+            continue
         set_path(data, key, value)
     config, problems = from_dict(ExperimentConfig, data)
+    problems = syntax_problems + problems
     if problems or config is None:
         raise ConfigError(problems, source=source)
     return config

@@ -80,13 +80,17 @@ def _convert(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
     if origin is Literal:
         allowed = typing.get_args(tp)
         # YAML reads `2` as int; Literal[2, 4] must accept it but not True (bool is an int).
-        if not isinstance(value, bool) and value in allowed and type(value) in {
-            type(a) for a in allowed
-        }:
+        if (
+            not isinstance(value, bool)
+            and value in allowed
+            and type(value) in {type(a) for a in allowed}
+        ):
             return value
         hint = suggest(str(value), [str(a) for a in allowed]) if isinstance(value, str) else ""
-        problems.add(path, f"must be one of {', '.join(repr(a) for a in allowed)}, got "
-                           f"{_describe(value)}{hint}")
+        problems.add(
+            path,
+            f"must be one of {', '.join(repr(a) for a in allowed)}, got {_describe(value)}{hint}",
+        )
         return _MISSING
     if origin is tuple:
         return _convert_tuple(value, tp, path, problems)
@@ -123,8 +127,9 @@ def _convert_tuple(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
         if len(value) != len(args):
             problems.add(path, f"expected {_type_name(tp)}, got {len(value)} values")
             return _MISSING
-    items = [_convert(v, t, _join(path, i), problems) for i, (v, t) in enumerate(
-        zip(value, item_types))]
+    items = [
+        _convert(v, t, _join(path, i), problems) for i, (v, t) in enumerate(zip(value, item_types))
+    ]
     return _MISSING if any(i is _MISSING for i in items) else tuple(items)
 
 
@@ -160,6 +165,7 @@ def _build(cls: type[T], data: Any, path: str, problems: _Problems) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
+    problems_before = len(problems.items)
     for key, value in data.items():
         key_path = _join(path, str(key))
         if not isinstance(key, str) or key not in fields:
@@ -173,8 +179,8 @@ def _build(cls: type[T], data: Any, path: str, problems: _Problems) -> Any:
     except TypeError as exc:  # pragma: no cover - required fields are a schema choice
         problems.add(path, str(exc))
         return _MISSING
-    if len(kwargs) == len([k for k in data if k in fields]):
-        # Cross-field rules only make sense when every field parsed.
+    if len(problems.items) == problems_before:
+        # Cross-field rules only make sense when every field of the subtree parsed.
         for rel_path, message in getattr(instance, "validate", lambda: [])():
             problems.add(_join(path, rel_path) if rel_path else path, message)
     return instance

@@ -1,0 +1,213 @@
+"""Command-line entry points: ``segnet-train``, ``segnet-evaluate``, ``segnet-predict``.
+
+``scripts/*.py`` call the same functions. Each parses its flags, then makes one call into the
+library. A user-fixable problem (``UserError``) is printed as one message on stderr with exit
+status 2 and no traceback; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from segnet.errors import UserError
+
+EXIT_USAGE = 2
+log = logging.getLogger("segnet")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (plus the usage) and exits with 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and TF logs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def _setup_logging(quiet: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    if debug and "tensorflow" not in sys.modules:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    # Keras and absl are chatty at INFO; our own logger carries what the user needs.
+    for name in ("absl", "tensorflow", "keras"):
+        logging.getLogger(name).setLevel(logging.INFO if debug else logging.ERROR)
+
+
+def _run(
+    prog: str,
+    body: Callable[[argparse.Namespace], int],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+) -> int:
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet, args.debug)
+    try:
+        return body(args)
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        fix = "free some space" if exc.errno == errno.ENOSPC else "fix the permissions"
+        print(
+            f"{prog}: error: {where}{exc.strerror}; {fix} or choose another directory",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+
+# --------------------------------------------------------------------------------------------
+# segnet-train
+# --------------------------------------------------------------------------------------------
+def train_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="segnet-train", description="Train (or resume) a segmentation model.")
+    parser.add_argument("--config", type=Path, help="experiment YAML (see configs/)")
+    parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<name>)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. train.epochs=5",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the fully resolved config as YAML and exit",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="continue a run directory whose stored config differs"
+    )
+    _common_flags(parser)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from segnet.config import config_to_yaml, load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        sys.stdout.write(config_to_yaml(config))
+        return 0
+    from segnet.training.trainer import train  # imports TensorFlow: only once config is valid
+
+    train(config, run_dir=args.run_dir, force=args.force, quiet=args.quiet)
+    return 0
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    return _run("segnet-train", _train, train_parser(), argv)
+
+
+# --------------------------------------------------------------------------------------------
+# segnet-evaluate
+# --------------------------------------------------------------------------------------------
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="segnet-evaluate", description="Predict the held-out cases of a run and score them."
+    )
+    parser.add_argument("--run", type=Path, required=True, help="run directory")
+    parser.add_argument(
+        "--checkpoint",
+        default="best",
+        help="best | latest | all | a checkpoint path (default: best)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="a config YAML or a dataset directory to evaluate on instead of "
+        "the run's held-out split",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override evaluation settings, e.g. evaluation.overlap=0.25",
+    )
+    _common_flags(parser)
+    return parser
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from segnet.evaluation.evaluate import evaluate_run
+
+    evaluate_run(
+        args.run,
+        checkpoint=args.checkpoint,
+        data=args.data,
+        overrides=args.overrides,
+        quiet=args.quiet,
+    )
+    return 0
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    return _run("segnet-evaluate", _evaluate, evaluate_parser(), argv)
+
+
+# --------------------------------------------------------------------------------------------
+# segnet-predict
+# --------------------------------------------------------------------------------------------
+def predict_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="segnet-predict", description="Segment NIfTI volumes with a trained run.")
+    parser.add_argument("--run", type=Path, required=True, help="run directory")
+    parser.add_argument(
+        "--checkpoint", default="best", help="best | latest | a checkpoint path (default: best)"
+    )
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        type=Path,
+        help="image files or directories (nnU-Net channel suffixes _0000...)",
+    )
+    parser.add_argument("--output", type=Path, required=True, help="output directory")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override evaluation settings",
+    )
+    _common_flags(parser)
+    return parser
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from segnet.inference.predict import predict_files
+
+    failures = predict_files(
+        args.run,
+        inputs=args.input,
+        output_dir=args.output,
+        checkpoint=args.checkpoint,
+        overrides=args.overrides,
+        quiet=args.quiet,
+    )
+    return EXIT_USAGE if failures else 0
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    return _run("segnet-predict", _predict, predict_parser(), argv)
