@@ -492,7 +492,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError([f"--set {key}: value is not valid YAML ({exc.__class__.__name__})"])
+        raise ConfigError(
+            [f"--set {key}: value is not valid YAML ({exc.__class__.__name__})"]
+        ) from None
     return key.strip(), value
 
 
