@@ -462,7 +462,9 @@ class ExperimentConfig:
         return problems
 
     def _patch_rules(self) -> Problems:
-        selected = self.model.selected
+        selected = getattr(self.model, self.model.name, None)
+        if selected is None:  # an unknown model name is reported by ModelConfig
+            return []
         divisor = selected.divisor
         bad = [p for p in self.data.patch_size if p % divisor]
         if bad:

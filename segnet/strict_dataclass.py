@@ -166,24 +166,48 @@ def _build(cls: type[T], data: Any, path: str, problems: _Problems) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     problems_before = len(problems.items)
+    failed: set[str] = set()
     for key, value in data.items():
         key_path = _join(path, str(key))
         if not isinstance(key, str) or key not in fields:
             problems.add(key_path, "unknown key" + suggest(str(key), fields))
             continue
         converted = _convert(value, hints[key], key_path, problems)
-        if converted is not _MISSING:
+        if converted is _MISSING:
+            failed.add(key)
+        else:
             kwargs[key] = converted
     try:
         instance = cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - required fields are a schema choice
         problems.add(path, str(exc))
         return _MISSING
-    if len(problems.items) == problems_before:
-        # Cross-field rules only make sense when every field of the subtree parsed.
-        for rel_path, message in getattr(instance, "validate", lambda: [])():
-            problems.add(_join(path, rel_path) if rel_path else path, message)
+    _check_rules(instance, path, problems, failed, clean=len(problems.items) == problems_before)
     return instance
+
+
+def _check_rules(
+    instance: Any, path: str, problems: _Problems, failed: set[str], clean: bool
+) -> None:
+    """Runs the class's cross-field ``validate()`` and records what it finds.
+
+    When some fields failed to parse they hold their defaults, so rules that mention them would
+    only add noise: those are dropped, and a rule tripping over a half-built tree is ignored
+    (the problems already recorded are what the user must fix first).
+    """
+    validate = getattr(instance, "validate", None)
+    if validate is None:
+        return
+    try:
+        found = validate()
+    except Exception:
+        if clean:
+            raise
+        return
+    for rel_path, message in found:
+        if not clean and rel_path.split(".")[0].split("[")[0] in failed:
+            continue
+        problems.add(_join(path, rel_path) if rel_path else path, message)
 
 
 def from_dict(cls: type[T], data: Any) -> tuple[T | None, list[str]]:

@@ -1,0 +1,240 @@
+"""The strict YAML experiment parser: every mistake reported by dotted path, never a traceback."""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from segnet.config import (
+    ExperimentConfig,
+    build_config,
+    config_to_dict,
+    config_to_yaml,
+    load_config,
+)
+from segnet.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def problems_of(data: dict, overrides: list[str] = ()) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        build_config(data, list(overrides))
+    return info.value.problems
+
+
+def test_defaults_are_valid_and_round_trip():
+    config = build_config({})
+    assert config == ExperimentConfig()
+    assert build_config(yaml.safe_load(config_to_yaml(config))) == config
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_round_trip(path: Path):
+    config = load_config(path)
+    assert build_config(yaml.safe_load(config_to_yaml(config))) == config
+
+
+def test_shipped_configs_open_with_a_comment_block():
+    for path in (REPO / "configs").glob("*.yaml"):
+        head = path.read_text().splitlines()[:3]
+        assert all(line.startswith("#") for line in head), path
+        assert "scripts/train.py" in path.read_text(), path
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"model": {"unet3d": {"filterz": 8}}},
+            "model.unet3d.filterz: unknown key (did you mean 'filters'?)",
+        ),
+        ({"trian": {}}, "trian: unknown key (did you mean 'train'?)"),
+        ({"train": {"epochs": "ten"}}, "train.epochs: expected an integer, got 'ten'"),
+        ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer, got 2.5"),
+        ({"train": {"deterministic": "yes"}}, "train.deterministic: expected true/false"),
+        ({"train": {"epochs": -1}}, "train.epochs: must be at least 1, got -1"),
+        ({"optimizer": {"name": "adam"}}, "optimizer.name: must be one of 'sgd', 'adamw'"),
+        ({"data": {"patch_size": [64, 64]}}, "data.patch_size: expected a list of 3 values"),
+        ({"data": {"patch_size": [64, "x", 64]}}, "data.patch_size[1]: expected an integer"),
+        ({"data": {"split": {"fold": 7}}}, "data.split.fold: must be in 0..4, got 7"),
+        ({"model": {"name": "unet"}}, "model.name: unknown model 'unet' (did you mean 'unet3d'?)"),
+        (
+            {"model": {"unet3d": {"input_downsample": 3}}},
+            "model.unet3d.input_downsample: must be one of 1, 2, 4, got 3",
+        ),
+        ({"augmentation": {"noise_prob": 1.5}}, "augmentation.noise_prob: must be a probability"),
+        ({"data": 5}, "data: expected a mapping of settings, got 5"),
+        (
+            {"loss": {"class_weights": [1.0, 2.0]}},
+            "loss.class_weights: needs 4 values (data.num_classes), got 2",
+        ),
+    ],
+)
+def test_each_mistake_names_its_dotted_path(data: dict, expected: str):
+    problems = problems_of(data)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_patch_size_must_divide_by_the_unet_divisor():
+    data = {
+        "model": {"name": "unet3d", "unet3d": {"depth": 3, "input_downsample": 2}},
+        "data": {"patch_size": [32, 40, 48]},
+    }
+    (problem,) = problems_of(data)
+    assert problem.startswith("data.patch_size: [32, 40, 48] must be divisible by 16")
+    assert "try [32, 48, 48]" in problem
+
+
+def test_segnet_accepts_odd_patch_sizes():
+    config = build_config({"model": {"name": "segnet"}, "data": {"patch_size": [17, 18, 19]}})
+    assert config.data.patch_size == (17, 18, 19)
+
+
+def test_three_mistakes_are_reported_together():
+    data = {"model": {"unet3d": {"filterz": 8}}, "train": {"epochs": -2, "batch_size": "two"}}
+    problems = problems_of(data)
+    assert len(problems) == 3, problems
+    assert {p.split(":")[0] for p in problems} == {
+        "model.unet3d.filterz",
+        "train.epochs",
+        "train.batch_size",
+    }
+
+
+def test_overrides_are_checked_like_the_file():
+    config = build_config(
+        {},
+        [
+            "train.epochs=3",
+            "model.name=unet3d",
+            "data.patch_size=[32, 32, 32]",
+            "optimizer.clip_norm=null",
+        ],
+    )
+    assert (config.train.epochs, config.model.name, config.optimizer.clip_norm) == (
+        3,
+        "unet3d",
+        None,
+    )
+    problems = problems_of({}, ["train.epohcs=3", "train.epochs=x", "no_equals_sign"])
+    assert any(p.startswith("train.epohcs: unknown key (did you mean 'epochs'?)") for p in problems)
+    assert any(p.startswith("train.epochs: expected an integer") for p in problems)
+    assert any("no_equals_sign" in p for p in problems)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  epochs: [1, 2\nmodel: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "line" in str(info.value)
+
+
+def test_missing_and_non_mapping_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listing)
+
+
+def test_config_is_frozen():
+    config = build_config({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.epochs = 3  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------
+# Property-based: valid configs round-trip; junk never escapes as anything but ConfigError.
+# ----------------------------------------------------------------------------------------------
+valid_overrides = st.fixed_dictionaries(
+    {},
+    optional={
+        "train.epochs": st.integers(1, 1000),
+        "train.batch_size": st.integers(1, 64),
+        "train.seed": st.integers(0, 2**31),
+        "optimizer.learning_rate": st.floats(1e-6, 1.0),
+        "optimizer.name": st.sampled_from(["sgd", "adamw"]),
+        "model.segnet.depth": st.integers(1, 7),
+        "model.segnet.spatial_dims": st.sampled_from([2, 3]),
+        "data.patch_size": st.lists(st.integers(1, 300), min_size=3, max_size=3),
+        "augmentation.noise_prob": st.floats(0.0, 1.0),
+        "evaluation.mirror_axes": st.lists(st.sampled_from([0, 1, 2]), max_size=3),
+        "name": st.text(string.ascii_letters + "_-", min_size=1, max_size=20),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(valid_overrides)
+def test_valid_configs_round_trip_through_yaml(overrides: dict):
+    data: dict = {}
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    config = build_config(data)
+    assert build_config(yaml.safe_load(config_to_yaml(config))) == config
+    assert config_to_dict(build_config(config_to_dict(config))) == config_to_dict(config)
+
+
+junk = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "data",
+                    "model",
+                    "train",
+                    "name",
+                    "unet3d",
+                    "epochs",
+                    "patch_size",
+                    "split",
+                    "fold",
+                    "x",
+                    "loss",
+                    "segnet",
+                ]
+            )
+            | st.text(max_size=6),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(junk)
+def test_random_junk_gives_a_config_error_or_a_config(data):
+    if not isinstance(data, dict):
+        data = {"data": data}
+    try:
+        config = build_config(data)
+    except ConfigError as exc:
+        assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
+    else:
+        assert isinstance(config, ExperimentConfig)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=40))
+def test_random_override_text_never_raises_anything_else(text: str):
+    try:
+        build_config({}, [text])
+    except ConfigError as exc:
+        assert exc.problems
