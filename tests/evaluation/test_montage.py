@@ -1,0 +1,83 @@
+"""PNG montages: slice choice, layout size, and files any PNG decoder reads back exactly."""
+
+from __future__ import annotations
+
+import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
+
+# isort: split
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from segnet.evaluation import montage
+
+
+def _volume(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    image = rng.normal(100.0, 20.0, shape).astype(np.float32)
+    label = np.zeros(shape, np.uint8)
+    label[4:9, 3:12, 5:14] = 1
+    label[6, 2:6, 2:6] = 2  # slice 6 holds the most foreground
+    return image, label
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        ([0, 5, 0, 9, 2, 9, 0], [1, 3, 5]),  # ties keep the lower index
+        ([0, 0, 4, 0, 0, 0, 0], [2]),  # fewer labelled slices than asked: only those
+        ([0] * 7, [2, 3, 4]),  # nothing labelled: evenly spaced slices
+        ([3, 1], [0, 1]),  # fewer slices than asked
+    ],
+)
+def test_representative_slices(counts: list[int], expected: list[int]):
+    label = np.zeros((len(counts), 4, 5), np.uint8)
+    for z, count in enumerate(counts):
+        label[z].flat[:count] = 1
+    assert montage.representative_slices(label, 3) == expected
+
+
+@pytest.mark.parametrize(
+    ("shape", "with_label", "expected_hw"),
+    [
+        ((17, 18, 19), True, (3 * 8 * 18, 3 * 8 * 19)),  # zoom ceil(128 / 18) = 8
+        ((17, 18, 19), False, (3 * 8 * 18, 2 * 8 * 19)),  # no ground truth: two columns
+        ((9, 130, 140), True, (3 * 130, 3 * 140)),  # large slices are not enlarged
+    ],
+)
+def test_png_decodes_to_the_layout_size(
+    tmp_path: Path, shape: tuple[int, int, int], with_label: bool, expected_hw: tuple[int, int]
+):
+    image, label = _volume(shape)
+    path = tmp_path / "case.png"
+    size = montage.write_montage(path, image[..., None], label, label if with_label else None)
+    decoded = tf.io.decode_png(path.read_bytes()).numpy()
+    assert size == expected_hw
+    assert decoded.shape == (*expected_hw, 3)
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed, not left behind
+
+
+def test_png_round_trips_pixels_exactly():
+    rgb = np.random.default_rng(1).integers(0, 256, (7, 11, 3), dtype=np.uint8)
+    decoded = tf.io.decode_png(montage.encode_png(rgb)).numpy()
+    np.testing.assert_array_equal(decoded, rgb)
+
+
+def test_overlays_colour_only_labelled_voxels():
+    image, label = _volume((17, 18, 19))
+    rgb = montage.build_montage(image, label, label, slices=[6])
+    zoom = montage.zoom_factor(18, 19)
+    width = 19 * zoom
+    bare, truth = rgb[:, :width], rgb[:, width : 2 * width]
+    labelled = np.repeat(np.repeat(label[6] > 0, zoom, 0), zoom, 1)
+    assert np.array_equal(bare[~labelled], truth[~labelled])  # background untouched
+    assert (bare[labelled] != truth[labelled]).any(axis=-1).all()  # every label voxel tinted
+    assert (bare[..., 0] == bare[..., 1]).all()  # the bare image is grey
+
+
+def test_shape_mismatch_is_refused():
+    image, label = _volume((17, 18, 19))
+    with pytest.raises(ValueError, match="prediction shape"):
+        montage.build_montage(image, label[:-1], label)
