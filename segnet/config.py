@@ -216,6 +216,9 @@ class UNet3DConfig:
             problems.append(("max_filters", "must be >= filters"))
         if self.loss_at == "low" and self.input_downsample == 1:
             problems.append(("loss_at", "'low' needs input_downsample 2 or 4"))
+        if self.loss_at == "low" and self.output_upsample == "learned":
+            # The learned up-sampling only feeds the full-resolution output, which is unsupervised.
+            problems.append(("output_upsample", "'learned' is untrained with loss_at 'low'"))
         return problems
 
     @property
@@ -237,6 +240,8 @@ class CascadeConfig:
         for name in ("low", "high"):
             if getattr(self, name).input_downsample != 1:
                 problems.append((f"{name}.input_downsample", "must be 1 inside a cascade"))
+            if getattr(self, name).deep_supervision:  # the cascade already outputs both stages
+                problems.append((f"{name}.deep_supervision", "must be false inside a cascade"))
         return problems
 
     @property
