@@ -81,8 +81,10 @@ def affine_matrix(angles: np.ndarray | list[float], zoom: float, in_plane: bool 
     """The (3, 3) output-to-source offset map of a rotation and an isotropic zoom.
 
     Args:
-        angles: radians of rotation about the depth, height and width axes in that order
-            (fewer values leave the later axes unrotated); about depth is the axial plane.
+        angles: radians of rotation of the sampling grid about the depth, height and width
+            axes in that order (fewer values leave the later axes unrotated); about depth is
+            the axial plane. The content turns the other way: ``[pi / 2]`` gives
+            ``np.rot90(k=-1, axes=(1, 2))``. Random angles are symmetric, so it does not matter.
         zoom: magnification; above 1 the anatomy looks larger (the grid samples a smaller
             region of the source).
         in_plane: zoom (height, width) only, keeping the depth coordinate; used for 2D slices.
@@ -242,9 +244,9 @@ def augment_intensity(
         sigma = rng.uniform(*aug.blur_sigma_range)
         image = ndimage.gaussian_filter(image, sigma=[sigma] * (image.ndim - 1) + [0.0])
     if rng.random() < aug.intensity_scale_prob:
-        image *= rng.uniform(*aug.intensity_scale_range, size=channels).astype(np.float32)
+        image *= np.asarray(rng.uniform(*aug.intensity_scale_range, size=channels), np.float32)
     if rng.random() < aug.intensity_shift_prob:
-        image += rng.normal(0.0, aug.intensity_shift_std, size=channels).astype(np.float32)
+        image += np.asarray(rng.normal(0.0, aug.intensity_shift_std, size=channels), np.float32)
     if rng.random() < aug.gamma_prob:
         gammas = [_draw_gamma(rng, aug.gamma_range) for _ in range(channels)]
         image = np.stack([gamma(image[..., c], g) for c, g in enumerate(gammas)], axis=-1)

@@ -71,8 +71,11 @@ class _OpenCases:
 
 
 def _open_case(case: PreprocessedCase) -> _OpenCase:
+    label = case.load_label(mmap=True)
+    if label is None:  # check_training_cases refuses these before any sampling
+        raise DataError([f"{case.case_id}: has no label; training cases need one"])
     foreground = {c: xyz for c, xyz in case.load_foreground().items() if len(xyz)}
-    return _OpenCase(case.load_image(mmap=True), case.load_label(mmap=True), foreground)
+    return _OpenCase(case.load_image(mmap=True), label, foreground)
 
 
 def _cache_capacity(max_cached_cases: int, num_cases: int) -> int:
@@ -202,9 +205,9 @@ def check_training_cases(
 
 
 def _case_problems(config: ExperimentConfig, case: PreprocessedCase, patch) -> list[str]:
-    if case.label_path is None:
-        return [f"{case.case_id}: has no label; training cases need one"]
     image, label = case.load_image(mmap=True), case.load_label(mmap=True)
+    if label is None:
+        return [f"{case.case_id}: has no label; training cases need one"]
     channels = config.data.num_channels
     if image.ndim != 4 or image.shape[-1] != channels:
         return [
