@@ -1,0 +1,165 @@
+"""The model registry, and the contract every registered model keeps, table-driven over it.
+
+Every row builds a tiny model through ``build_model`` from a validated config, as the trainer
+does: output shapes on 16^3 and on the odd 17x18x19, one training step through the
+``output_scales`` / ``supervised_outputs`` contract, and mixed precision.
+"""
+
+from __future__ import annotations
+
+import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
+
+# isort: split
+import dataclasses
+import inspect
+import math
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from segnet.config import ExperimentConfig, ModelConfig, SegNetConfig, UNet3DConfig, build_config
+from segnet.errors import UserError
+from segnet.models import build_model, registered_names
+from segnet.models.blocks import downsample_labels
+from segnet.models.registry import MODELS
+from segnet.models.segnet import SegNet
+from segnet.models.unet3d import UNet3D
+
+CHANNELS, CLASSES = 2, 3
+TINY = {"depth": 2, "filters": 4}
+TINY_CASCADE = {"downsample": 2, "low": TINY, "high": TINY}
+
+# (row id, model.name, that model's sub-config): every registered name has at least one row.
+ROWS = [
+    ("unet3d", "unet3d", TINY),
+    ("unet3d_low_res", "unet3d", {**TINY, "input_downsample": 2, "loss_at": "low"}),
+    ("unet3d_deep_supervision", "unet3d", {**TINY, "deep_supervision": True, "norm": "batch"}),
+    ("unet3d_learned_up", "unet3d", {**TINY, "input_downsample": 2, "output_upsample": "learned"}),
+    ("unet3d_cascade", "unet3d_cascade", TINY_CASCADE),
+    ("unet3d_cascade_low", "unet3d_cascade", {**TINY_CASCADE, "train_stage": "low"}),
+    ("unet3d_cascade_high", "unet3d_cascade", {**TINY_CASCADE, "train_stage": "high"}),
+    ("segnet3d", "segnet", TINY),
+    ("segnet2d", "segnet", {**TINY, "spatial_dims": 2, "norm": "group", "groups": 2}),
+]
+ROW = pytest.mark.parametrize(("name", "settings"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
+
+
+def tiny_config(name: str, settings: dict[str, Any]) -> ExperimentConfig:
+    data = {"num_channels": CHANNELS, "num_classes": CLASSES, "patch_size": [16, 16, 16]}
+    return build_config({"data": data, "model": {"name": name, name: settings}})
+
+
+def spatial_dims(model: keras.Model) -> int:
+    return len(model.input_shape) - 2
+
+
+def random_batch(model: keras.Model, size: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    shape = (2, *size[-spatial_dims(model) :], CHANNELS)
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def supervised_loss(model: keras.Model, outputs: Any, labels: Any) -> Any:
+    """Cross-entropy over the supervised outputs, halving per level: what the loss must do."""
+    outputs = keras.tree.flatten(outputs)
+    total = 0.0
+    for rank, index in enumerate(model.supervised_outputs):
+        target = downsample_labels(labels, CLASSES, model.output_scales[index], spatial_dims(model))
+        ce = keras.losses.categorical_crossentropy(target, outputs[index], from_logits=True)
+        total += 0.5**rank * keras.ops.mean(ce)
+    return total
+
+
+def test_registry_names_are_the_model_sub_configs() -> None:
+    sub_configs = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
+    assert set(registered_names()) == sub_configs
+    assert {r[1] for r in ROWS} == set(MODELS), "every registered model needs a test row"
+
+
+@pytest.mark.parametrize(
+    ("model_class", "config_class"), [(UNet3D, UNet3DConfig), (SegNet, SegNetConfig)]
+)
+def test_sub_config_fields_are_the_constructor_arguments(
+    model_class: type, config_class: type
+) -> None:
+    arguments = set(inspect.signature(model_class.__init__).parameters)
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    assert fields == arguments - {"self", "num_channels", "num_classes", "kwargs"}
+
+
+def test_unknown_name_lists_the_registered_models() -> None:
+    config = ExperimentConfig()
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, name="unet"))
+    with pytest.raises(UserError) as info:
+        build_model(config)
+    message = str(info.value)
+    assert "model.name" in message and "did you mean 'unet3d'" in message
+    assert all(name in message for name in registered_names())
+
+
+@ROW
+@pytest.mark.parametrize("size", [(16, 16, 16), (17, 18, 19)], ids=["16cube", "odd"])
+def test_outputs_match_the_input_size(name: str, settings: dict, size: tuple[int, ...]) -> None:
+    model = build_model(tiny_config(name, settings))
+    x = random_batch(model, size)
+    outputs = keras.tree.flatten(model(x))
+    assert len(outputs) == len(model.output_scales)
+    for output, scale in zip(outputs, model.output_scales):
+        expected = (2, *(math.ceil(n / scale) for n in x.shape[1:-1]), CLASSES)
+        assert tuple(output.shape) == expected
+        assert output.dtype == "float32"
+    assert model.input_shape[-1] == CHANNELS
+    assert all(n is None for n in model.input_shape[:-1])
+
+
+@ROW
+def test_training_steps_reduce_a_finite_loss(name: str, settings: dict) -> None:
+    keras.utils.set_random_seed(0)
+    model = build_model(tiny_config(name, settings))
+    x = random_batch(model, (16, 16, 16))
+    labels = (x[..., 0] > 0).astype("int32") + (x[..., 1] > 1).astype("int32")
+    optimizer = keras.optimizers.Adam(1e-2)
+    losses = []
+    for _ in range(4):
+        with tf.GradientTape() as tape:
+            loss = supervised_loss(model, model(x, training=True), labels)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        assert all(g is not None for g in gradients), "a trainable weight gets no gradient"
+        optimizer.apply(gradients, model.trainable_variables)
+        losses.append(float(loss))
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", ["unet3d", "segnet"])
+def test_plain_keras_fit_on_single_output_models(name: str) -> None:
+    keras.utils.set_random_seed(0)
+    model = build_model(tiny_config(name, TINY))
+    x = random_batch(model, (16, 16, 16))
+    labels = (x[..., 0] > 0).astype("int32")
+    model.compile(
+        keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    history = model.fit(x, labels, epochs=3, verbose=0).history["loss"]
+    assert np.all(np.isfinite(history)) and history[-1] < history[0]
+
+
+@pytest.fixture
+def mixed_bfloat16():
+    previous = keras.config.dtype_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    yield
+    keras.mixed_precision.set_global_policy(previous)
+
+
+@ROW
+@pytest.mark.usefixtures("mixed_bfloat16")
+def test_mixed_bfloat16_computes_in_bfloat16_with_float32_logits(name: str, settings: dict) -> None:
+    model = build_model(tiny_config(name, settings))
+    compute_dtypes = {layer.compute_dtype for layer in model.layers}
+    assert "bfloat16" in compute_dtypes
+    for output in keras.tree.flatten(model(random_batch(model, (16, 16, 16)))):
+        assert output.dtype == "float32"
+        assert np.all(np.isfinite(keras.ops.convert_to_numpy(output)))
