@@ -1,0 +1,259 @@
+"""Preprocessed cases on disk as uncompressed, memory-mappable ``.npy`` files.
+
+Layout::
+
+    <data.cache_dir>/<settings hash>/<case id>-<files hash>/
+        image.npy        float32 (depth, height, width, channels)
+        label.npy        uint8 (depth, height, width); absent for unlabelled cases
+        foreground.npz   class_1, class_2, ...: int32 (n, 3) sampled voxel coordinates
+        info.json        PreprocessInfo: how to map a prediction back to the scan
+        complete.json    written last: its presence means the case is whole
+    <data.cache_dir>/fingerprints/<hash>.json
+
+The settings hash covers the preprocessing section, num_classes, num_channels and the parts of
+the dataset fingerprint that change the output; the files hash covers each file's path, size
+and modification time. A case is built in a private temporary folder and renamed into place,
+so a reader never sees half a case and two runs filling the cache at once both end up with one
+complete copy. The second run reads only ``complete.json`` per case: no NIfTI decompression.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from segnet.config import ExperimentConfig
+from segnet.data.case import PreprocessedCase
+from segnet.data.datasets import CaseFiles
+from segnet.data.preprocessing import (
+    DatasetFingerprint,
+    PreprocessInfo,
+    case_seed,
+    compute_fingerprint,
+    preprocess_case,
+    sample_foreground,
+)
+from segnet.data.volumes import int3
+from segnet.errors import UserError
+
+CACHE_VERSION = 1  # bump when the stored format or the preprocessing code's output changes
+_MARKER = "complete.json"
+_WORKERS = 2  # scipy resampling and zlib release the GIL; each worker holds one case in RAM
+
+
+def _digest(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _file_stats(paths: Sequence[Path]) -> list[list[Any]]:
+    stats = []
+    for path in paths:
+        st = os.stat(path)
+        stats.append([str(Path(path).absolute()), st.st_size, st.st_mtime_ns])
+    return stats
+
+
+def settings_hash(config: ExperimentConfig, fingerprint: DatasetFingerprint) -> str:
+    """Hash of everything but the files that decides what a preprocessed case holds."""
+    pre = config.preprocessing
+    used: dict[str, Any] = {}  # only fingerprint parts that change the output, so that a new
+    if pre.resample and pre.target_spacing is None:  # fold does not invalidate the cache
+        used["spacing"] = fingerprint.spacing
+    if pre.normalization == "ct":
+        used["intensity"] = fingerprint.to_dict()["intensity"]
+    settings = {k: v for k, v in dataclasses.asdict(pre).items() if k != "use_cache"}
+    return _digest(
+        {
+            "version": CACHE_VERSION,
+            "preprocessing": settings,
+            "fingerprint": used,
+            "num_classes": config.data.num_classes,
+            "num_channels": config.data.num_channels,
+        }
+    )
+
+
+def _case_dir(root: Path, case: CaseFiles) -> Path:
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in case.case_id)
+    files = _digest([case.case_id, _file_stats(case.files)])
+    return root / f"{safe}-{files[:12]}"
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create the cache folder {path}: {exc.strerror}; set "
+            "data.cache_dir to a writable folder"
+        ) from None
+    if not os.access(path, os.W_OK):
+        raise UserError(
+            f"cache folder {path} is not writable; set data.cache_dir to a writable folder"
+        )
+    return path
+
+
+def _temporary_root() -> Path:
+    """For ``use_cache: false``: a folder of this process, removed when it exits."""
+    path = Path(tempfile.mkdtemp(prefix="segnet-preprocessed-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# One case
+# ---------------------------------------------------------------------------------------------
+def _from_dir(case_dir: Path) -> PreprocessedCase | None:
+    """The stored case, or None when it is absent or incomplete."""
+    try:
+        marker = json.loads((case_dir / _MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    labelled = bool(marker["labelled"])
+    return PreprocessedCase(
+        case_id=marker["case_id"],
+        image_path=case_dir / "image.npy",
+        label_path=case_dir / "label.npy" if labelled else None,
+        foreground_path=case_dir / "foreground.npz" if labelled else None,
+        shape=int3(marker["shape"]),
+    )
+
+
+def _write_case(
+    tmp: Path, case: CaseFiles, config: ExperimentConfig, fingerprint: DatasetFingerprint
+) -> None:
+    image, label, info = preprocess_case(case, config.preprocessing, fingerprint)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "image.npy", image)
+    if label is not None:
+        np.save(tmp / "label.npy", label)
+        foreground = sample_foreground(label, config.data.num_classes, case_seed(case.case_id))
+        arrays: dict[str, Any] = {f"class_{c}": v for c, v in foreground.items()}
+        np.savez(tmp / "foreground.npz", **arrays)
+    (tmp / "info.json").write_text(json.dumps(info.to_dict()), encoding="utf-8")
+    marker = {
+        "case_id": case.case_id,
+        "shape": list(info.shape),
+        "labelled": label is not None,
+        "sources": _file_stats(case.files),
+    }
+    (tmp / _MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
+
+
+def _prepare_one(
+    root: Path, case: CaseFiles, config: ExperimentConfig, fingerprint: DatasetFingerprint
+) -> PreprocessedCase:
+    case_dir = _case_dir(root, case)
+    done = _from_dir(case_dir)
+    if done is not None:
+        return done
+    if case_dir.exists():  # left by an older, interrupted version of this code: rebuild it
+        shutil.rmtree(case_dir, ignore_errors=True)
+    tmp = root / f".tmp-{case_dir.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_case(tmp, case, config, fingerprint)
+        # Atomic: the case appears whole or not at all. If another run renamed its (identical)
+        # copy first, the rename fails and that copy is kept.
+        with contextlib.suppress(OSError):
+            tmp.rename(case_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    done = _from_dir(case_dir)
+    if done is None:
+        raise UserError(f"cache folder {case_dir} could not be completed; delete it and retry")
+    return done
+
+
+def read_info(case: PreprocessedCase) -> PreprocessInfo:
+    """How ``case`` was preprocessed (for :func:`~segnet.data.preprocessing.restore_to_original`)."""
+    path = case.image_path.parent / "info.json"
+    return PreprocessInfo.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+def prepare_cases(
+    config: ExperimentConfig, case_files: Sequence[CaseFiles], fingerprint: DatasetFingerprint
+) -> list[PreprocessedCase]:
+    """Preprocessed, memory-mappable copies of the cases, computed only when not cached.
+
+    Args:
+        config: the experiment (preprocessing section, data.num_classes, data.cache_dir).
+        case_files: the cases to prepare, in the order wanted back.
+        fingerprint: dataset statistics from the training cases (see
+            :func:`load_or_compute_fingerprint`).
+
+    Returns:
+        One PreprocessedCase per input case, in the same order. With
+        ``preprocessing.use_cache: false`` the files live in a temporary folder removed when
+        the process exits.
+
+    Raises:
+        UserError: the cache folder cannot be written.
+        DataError: a case's files cannot be read.
+    """
+    if config.preprocessing.use_cache:
+        root = _writable_dir(Path(config.data.cache_dir) / settings_hash(config, fingerprint))
+    else:
+        root = _temporary_root()
+    bar = tqdm(total=len(case_files), desc="Preprocessing", unit="case", disable=None, leave=False)
+    with bar, ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        futures = [
+            pool.submit(_prepare_one, root, case, config, fingerprint) for case in case_files
+        ]
+        for future in futures:
+            future.add_done_callback(lambda _: bar.update())
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:  # stop promptly on the first unreadable case or Ctrl-C
+                future.cancel()
+            raise
+
+
+def load_or_compute_fingerprint(
+    config: ExperimentConfig, train_cases: Sequence[CaseFiles]
+) -> DatasetFingerprint:
+    """The training cases' fingerprint, cached in ``data.cache_dir/fingerprints/``.
+
+    Only ``normalization: ct`` makes the fingerprint read voxel data; caching it keeps a warm
+    run free of NIfTI decompression in that case too.
+    """
+    pre = config.preprocessing
+    if not pre.use_cache:
+        return compute_fingerprint(train_cases, pre)
+    key = _digest(
+        {
+            "version": CACHE_VERSION,
+            "ct": pre.normalization == "ct",
+            "percentiles": pre.ct_percentiles if pre.normalization == "ct" else None,
+            "files": [_file_stats(c.files) for c in train_cases],
+        }
+    )
+    path = _writable_dir(Path(config.data.cache_dir) / "fingerprints") / f"{key}.json"
+    try:
+        return DatasetFingerprint.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, UserError):
+        pass  # absent or damaged: compute it again
+    fingerprint = compute_fingerprint(train_cases, pre)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(fingerprint.to_dict(), indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    return fingerprint

@@ -1,0 +1,404 @@
+"""Describe a dataset as a list of :class:`CaseFiles`, and split it into training and held out.
+
+Three ways to describe one (``data.format``):
+
+* ``msd``: a Medical Segmentation Decathlon ``dataset.json``; its ``training`` entries are the
+  labelled cases. An entry's image is either one file (3D, or 4D with channels last) or, in the
+  nnU-Net v1 convention, per-channel files ``<name>_0000.nii.gz``, ``<name>_0001.nii.gz``, ...
+* ``folders``: ``imagesTr/<case>_0000.nii.gz`` (one file per channel) with
+  ``labelsTr/<case>.nii.gz``; ``imagesTs/`` holds unlabelled cases.
+* ``list``: the explicit ``data.cases`` list.
+
+``auto`` takes ``dataset.json`` when there is one, else the folders. Every problem found while
+describing or splitting is collected and raised together in one DataError.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from segnet.config import DataConfig, SplitConfig
+from segnet.errors import DataError
+
+Subset = Literal["train", "test"]
+_NIFTI = re.compile(r"^(?P<stem>.+?)(?:\.nii\.gz|\.nii)$")
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The files of one case.
+
+    Attributes:
+        case_id: unique identifier (the label's or image's file name without suffixes).
+        images: one file per channel in channel order, or a single 4D channels-last file.
+        label: the label map, or None for an unlabelled case.
+    """
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return self.images + ((self.label,) if self.label is not None else ())
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training cases and held-out (validation) cases; no case is in both."""
+
+    train: tuple[CaseFiles, ...]
+    val: tuple[CaseFiles, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Describing
+# ---------------------------------------------------------------------------------------------
+def dataset_root(data: DataConfig) -> Path:
+    """``data.root`` as an absolute path, generating the synthetic dataset there if asked to.
+
+    Raises:
+        DataError: the root does not exist (with a hint on how to fix it).
+    """
+    root = Path(data.root).expanduser().absolute()
+    if data.synthetic and not root.exists():
+        from segnet.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+
+        ensure_synthetic_dataset(
+            root, SyntheticSpec(num_classes=data.num_classes, num_channels=data.num_channels)
+        )
+    if not root.is_dir():
+        raise DataError(
+            [f"data.root: dataset folder not found: {root}"],
+            hint="Check the path (relative paths start from the current directory), "
+            "or set data.synthetic: true to generate a phantom dataset there.",
+        )
+    return root
+
+
+def describe_dataset(data: DataConfig, subset: Subset = "train") -> list[CaseFiles]:
+    """The cases of ``data.root`` in ``data.format``, checked for missing and duplicate files.
+
+    Args:
+        data: the data section of the experiment config.
+        subset: ``train`` for the labelled cases, ``test`` for the unlabelled ones (MSD ``test``
+            entries, or ``imagesTs/``).
+
+    Returns:
+        The cases sorted by id; paths are absolute.
+
+    Raises:
+        DataError: listing every problem (missing root or files, duplicate ids, ...).
+    """
+    root = dataset_root(data)
+    fmt = data.format
+    if fmt == "auto":
+        fmt = "msd" if (root / "dataset.json").is_file() else "folders"
+    problems: list[str] = []
+    if fmt == "msd":
+        cases = _msd_cases(root, data, subset, problems)
+    elif fmt == "folders":
+        cases = _folder_cases(root, data, subset, problems)
+    else:
+        cases = _list_cases(root, data, problems)
+    problems += _duplicate_problems(cases)
+    if not cases and not problems:
+        problems.append(f"{root}: no {subset} cases found (format '{fmt}')")
+    if problems:
+        raise DataError(problems, hint=f"(dataset {root}, format '{fmt}')")
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def _duplicate_problems(cases: Sequence[CaseFiles]) -> list[str]:
+    counts = Counter(c.case_id for c in cases)
+    return [f"case id '{case_id}' appears {n} times" for case_id, n in counts.items() if n > 1]
+
+
+def _strip_nifti(name: str) -> str | None:
+    match = _NIFTI.match(name)
+    return match.group("stem") if match else None
+
+
+def _channel_files(base: Path, num_channels: int) -> tuple[list[Path], list[int]]:
+    """nnU-Net per-channel files next to ``base`` (``x.nii.gz`` -> ``x_0000.nii.gz``, ...)."""
+    stem = _strip_nifti(base.name) or base.name
+    suffix = base.name[len(stem) :] or ".nii.gz"
+    paths = [base.with_name(f"{stem}_{c:04d}{suffix}") for c in range(num_channels)]
+    return paths, [c for c, p in enumerate(paths) if not p.is_file()]
+
+
+def _resolve_images(
+    root: Path, entry: Any, data: DataConfig, where: str, problems: list[str]
+) -> tuple[Path, ...] | None:
+    """An MSD entry's image: a list of files, one file, or its per-channel files."""
+    if isinstance(entry, list):
+        paths = tuple(root / str(p) for p in entry)
+        absent = [str(p) for p in paths if not p.is_file()]
+        problems += [f"{where}: image file not found: {p}" for p in absent]
+        return None if absent else paths
+    path = root / str(entry)
+    if path.is_file():
+        return (path,)
+    channels, missing = _channel_files(path, data.num_channels)
+    if not missing:
+        return tuple(channels)
+    if len(missing) < data.num_channels:
+        problems.append(f"{where}: missing channel files {[channels[c].name for c in missing]}")
+    else:
+        problems.append(
+            f"{where}: image file not found: {path} (nor per-channel files like {channels[0].name})"
+        )
+    return None
+
+
+def _read_dataset_json(root: Path, problems: list[str]) -> dict[str, Any]:
+    path = root / "dataset.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.append(
+            f"{path}: not found (data.format is 'msd'); use format 'folders' for "
+            "imagesTr/labelsTr without a dataset.json"
+        )
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append(f"{path}: not valid JSON ({exc})")
+        return {}
+    if not isinstance(info, dict):
+        problems.append(f"{path}: expected a JSON object with a 'training' list")
+        return {}
+    return info
+
+
+def _msd_cases(
+    root: Path, data: DataConfig, subset: Subset, problems: list[str]
+) -> list[CaseFiles]:
+    info = _read_dataset_json(root, problems)
+    problems += _msd_header_problems(info, data, root / "dataset.json")
+    entries = info.get("training" if subset == "train" else "test", [])
+    if not isinstance(entries, list):
+        problems.append(f"{root / 'dataset.json'}: '{subset}' must be a list")
+        return []
+    cases = []
+    for i, entry in enumerate(entries):
+        where = f"dataset.json {'training' if subset == 'train' else 'test'}[{i}]"
+        case = _msd_case(root, entry, data, where, subset, problems)
+        if case is not None:
+            cases.append(case)
+    return cases
+
+
+def _msd_case(
+    root: Path, entry: Any, data: DataConfig, where: str, subset: Subset, problems: list[str]
+) -> CaseFiles | None:
+    if subset == "test" and not isinstance(entry, dict):
+        entry = {"image": entry}  # MSD test entries are bare image paths
+    if not isinstance(entry, dict) or "image" not in entry:
+        problems.append(f"{where}: expected an object with 'image' (and 'label')")
+        return None
+    label = None
+    if subset == "train":
+        if "label" not in entry:
+            problems.append(f"{where}: training entry has no 'label'")
+            return None
+        label = root / str(entry["label"])
+        if not label.is_file():
+            problems.append(f"{where}: label file not found: {label}")
+            label = None
+    images = _resolve_images(root, entry["image"], data, where, problems)
+    if images is None or (subset == "train" and label is None):
+        return None
+    name = (label or images[0]).name
+    stem = _strip_nifti(name) or name
+    if label is None and len(images) > 1:
+        stem = _CHANNEL.sub(r"\g<case>", stem)
+    return CaseFiles(stem, images, label)
+
+
+def _msd_header_problems(info: dict[str, Any], data: DataConfig, path: Path) -> list[str]:
+    """dataset.json's modality and label counts against data.num_channels / num_classes."""
+    problems = []
+    modalities = info.get("modality") or info.get("channel_names")
+    if isinstance(modalities, dict) and len(modalities) != data.num_channels:
+        problems.append(
+            f"{path}: lists {len(modalities)} modalities but data.num_channels is "
+            f"{data.num_channels}; set data.num_channels: {len(modalities)}"
+        )
+    labels = info.get("labels")
+    if isinstance(labels, dict) and len(labels) != data.num_classes:
+        problems.append(
+            f"{path}: defines {len(labels)} labels (background included) but "
+            f"data.num_classes is {data.num_classes}; set data.num_classes: "
+            f"{len(labels)}"
+        )
+    return problems
+
+
+def _folder_cases(
+    root: Path, data: DataConfig, subset: Subset, problems: list[str]
+) -> list[CaseFiles]:
+    images_dir = root / ("imagesTr" if subset == "train" else "imagesTs")
+    labels_dir = root / ("labelsTr" if subset == "train" else "labelsTs")
+    if not images_dir.is_dir():
+        problems.append(
+            f"{images_dir}: folder not found (expected imagesTr/ and labelsTr/, or a dataset.json)"
+        )
+        return []
+    channels = _group_channels(images_dir, problems)
+    cases = []
+    for case_id, found in sorted(channels.items()):
+        missing = [c for c in range(data.num_channels) if c not in found]
+        extra = sorted(c for c in found if c >= data.num_channels)
+        if missing:
+            problems.append(
+                f"{images_dir}: case '{case_id}' is missing channel files "
+                f"{[f'{case_id}_{c:04d}' for c in missing]}"
+            )
+        if extra:
+            problems.append(
+                f"{images_dir}: case '{case_id}' has channel files {extra} beyond "
+                f"data.num_channels={data.num_channels}; set data.num_channels: "
+                f"{max(found) + 1}"
+            )
+        label = _find_label(labels_dir, case_id)
+        if subset == "train" and label is None:
+            problems.append(
+                f"{labels_dir}: no label file for case '{case_id}' (expected {case_id}.nii.gz)"
+            )
+        if not missing and not extra:
+            cases.append(CaseFiles(case_id, tuple(found[c] for c in sorted(found)), label))
+    return cases
+
+
+def _group_channels(images_dir: Path, problems: list[str]) -> dict[str, dict[int, Path]]:
+    groups: dict[str, dict[int, Path]] = {}
+    for path in sorted(images_dir.iterdir()):
+        stem = _strip_nifti(path.name)
+        if stem is None or path.name.startswith("."):
+            continue  # not a volume (README, hidden temp files)
+        match = _CHANNEL.match(stem)
+        if match is None:
+            problems.append(
+                f"{path}: image name lacks the channel suffix _0000 (nnU-Net "
+                "naming: <case>_0000.nii.gz)"
+            )
+            continue
+        groups.setdefault(match.group("case"), {})[int(match.group("channel"))] = path
+    return groups
+
+
+def _find_label(labels_dir: Path, case_id: str) -> Path | None:
+    for suffix in (".nii.gz", ".nii"):
+        if (labels_dir / f"{case_id}{suffix}").is_file():
+            return labels_dir / f"{case_id}{suffix}"
+    return None
+
+
+def _list_cases(root: Path, data: DataConfig, problems: list[str]) -> list[CaseFiles]:
+    cases = []
+    for i, entry in enumerate(data.cases):
+        images = tuple(root / p for p in entry.images)
+        label = root / entry.label if entry.label else None
+        missing = [p for p in (*images, label) if p is not None and not p.is_file()]
+        problems += [f"data.cases[{i}] ({entry.id}): file not found: {p}" for p in missing]
+        if not missing:
+            cases.append(CaseFiles(entry.id, images, label))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting
+# ---------------------------------------------------------------------------------------------
+def split_cases(cases: Sequence[CaseFiles], data: DataConfig) -> Split:
+    """Training and held-out cases by ``data.split``.
+
+    Explicit ``train``/``val`` lists win (either alone: the other is every remaining case);
+    else fold ``fold`` of ``folds_file`` is held out and every other case trains; else a
+    shuffle seeded by ``seed`` deals the sorted ids into ``num_folds`` folds.
+
+    Raises:
+        DataError: listing unknown ids, a missing fold, a bad folds file or an empty split.
+    """
+    split, problems = data.split, list[str]()
+    by_id = {c.case_id: c for c in cases}
+    if split.train or split.val:
+        val_ids = _explicit_val(split, by_id, problems)
+    elif split.folds_file:
+        val_ids = _fold_from_file(_folds_path(data), split.fold, by_id, problems)
+    else:
+        val_ids = _fold_from_shuffle(sorted(by_id), split, problems)
+    train = tuple(c for c in cases if c.case_id not in val_ids)
+    val = tuple(c for c in cases if c.case_id in val_ids)
+    if split.train:
+        train = tuple(by_id[i] for i in split.train if i in by_id)
+    if not problems:
+        for name, part in (("training", train), ("held-out", val)):
+            if not part:
+                problems.append(f"data.split: the {name} split is empty ({len(cases)} cases)")
+    if problems:
+        raise DataError(problems)
+    return Split(train, val)
+
+
+def _folds_path(data: DataConfig) -> Path:
+    path = Path(data.split.folds_file or "").expanduser()
+    return path if path.is_absolute() else Path(data.root).expanduser().absolute() / path
+
+
+def _explicit_val(split: SplitConfig, by_id: dict[str, CaseFiles], problems: list[str]) -> set[str]:
+    for name in ("train", "val"):
+        unknown = [i for i in getattr(split, name) if i not in by_id]
+        if unknown:
+            problems.append(f"data.split.{name}: case ids not in the dataset: {unknown[:10]}")
+    if split.val:
+        return set(split.val)
+    return set(by_id) - set(split.train)
+
+
+def _fold_from_file(
+    path: Path, fold: int, by_id: dict[str, CaseFiles], problems: list[str]
+) -> set[str]:
+    try:
+        folds = json.loads(path.read_text(encoding="utf-8"))["folds"]
+        folds = {str(k): [str(i) for i in v] for k, v in folds.items()}
+    except FileNotFoundError:
+        problems.append(f"data.split.folds_file: not found: {path}")
+        return set()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        problems.append(f'{path}: expected {{"folds": {{"0": [case ids], ...}}}} ({exc!r})')
+        return set()
+    if str(fold) not in folds:
+        problems.append(
+            f"data.split.fold: fold {fold} is not in {path} (it has folds "
+            f"{sorted(folds, key=lambda k: (len(k), k))})"
+        )
+        return set()
+    unknown = sorted({i for ids in folds.values() for i in ids} - set(by_id))
+    if unknown:
+        problems.append(f"{path}: {len(unknown)} case ids not in the dataset: {unknown[:10]}")
+    return set(folds[str(fold)])
+
+
+def _fold_from_shuffle(ids: list[str], split: SplitConfig, problems: list[str]) -> set[str]:
+    if len(ids) < split.num_folds:
+        problems.append(
+            f"data.split.num_folds: {split.num_folds} folds need at least as many "
+            f"cases, the dataset has {len(ids)}"
+        )
+        return set()
+    order = np.random.default_rng(split.seed).permutation(len(ids))
+    return {ids[i] for i in order[split.fold :: split.num_folds]}
+
+
+def load_split(data: DataConfig) -> Split:
+    """Describes the labelled cases of ``data`` and splits them: the usual entry point."""
+    return split_cases(describe_dataset(data, "train"), data)
