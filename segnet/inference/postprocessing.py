@@ -1,0 +1,63 @@
+"""Label-map clean-ups applied after the argmax of the probabilities."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+BACKGROUND = 0
+# Neighbours that join two voxels into one component -> scipy's connectivity rank: 6 share a
+# face, 18 a face or an edge, 26 a face, an edge or a corner.
+_CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
+
+
+def keep_largest_component(
+    labels: np.ndarray,
+    classes: Sequence[int] | None = None,
+    connectivity: Literal[6, 18, 26] = 26,
+) -> np.ndarray:
+    """Keeps only the largest connected component of each foreground class.
+
+    Each class is treated on its own (a class's components are separated by any other label),
+    so a class never changes another's voxels; the removed voxels become background (0).
+    26-connectivity is the default, as in nnU-Net's post-processing: voxels touching at a corner
+    belong to one structure, so thin oblique structures are not cut into pieces. Where two
+    components tie for largest, the one found first in C order is kept.
+
+    Args:
+        labels: (depth, height, width) integer label map.
+        classes: the classes to clean; None means every foreground label present.
+        connectivity: 6, 18 or 26 neighbours.
+
+    Returns:
+        A new label map of the same shape and dtype.
+
+    Raises:
+        ValueError: for a non-3D or non-integer label map or an unknown connectivity.
+    """
+    if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be a 3D integer label map, got shape {labels.shape} and dtype "
+            f"{labels.dtype}; take the argmax of probabilities first"
+        )
+    if connectivity not in _CONNECTIVITY_RANK:
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+    structure = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[connectivity])
+    targets = np.unique(labels) if classes is None else np.asarray(classes)
+    cleaned = labels.copy()
+    for label in targets[targets != BACKGROUND]:
+        cleaned[_outside_largest(labels == label, structure)] = BACKGROUND
+    return cleaned
+
+
+def _outside_largest(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """The voxels of ``mask`` outside its largest connected component."""
+    components, count = ndimage.label(mask, structure=structure)
+    if count <= 1:
+        return np.zeros_like(mask)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0  # component 0 is everything outside the mask
+    return mask & (components != np.argmax(sizes))

@@ -1,0 +1,103 @@
+"""Tests for segnet.inference.postprocessing on hand-made 17x18x19 label maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segnet.inference.postprocessing import keep_largest_component
+
+SHAPE = (17, 18, 19)
+
+
+def _labels(*blobs: tuple[int, tuple[slice, ...]], dtype=np.uint8) -> np.ndarray:
+    """A label map with each (label, box) painted in order."""
+    labels = np.zeros(SHAPE, dtype)
+    for label, box in blobs:
+        labels[box] = label
+    return labels
+
+
+BIG_1 = (1, np.s_[1:5, 1:5, 1:5])  # 64 voxels
+SMALL_1 = (1, np.s_[10:12, 10:12, 10:12])  # 8 voxels
+BIG_2 = (2, np.s_[8:14, 1:4, 12:18])  # 108 voxels
+SMALL_2 = (2, np.s_[15:16, 15:17, 1:2])  # 2 voxels
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int64])
+def test_smaller_blob_of_each_class_becomes_background(dtype):
+    labels = _labels(BIG_1, SMALL_1, BIG_2, SMALL_2, dtype=dtype)
+    cleaned = keep_largest_component(labels)
+    np.testing.assert_array_equal(cleaned, _labels(BIG_1, BIG_2, dtype=dtype))
+    assert cleaned.dtype == dtype
+    np.testing.assert_array_equal(labels, _labels(BIG_1, SMALL_1, BIG_2, SMALL_2, dtype=dtype))
+
+
+def test_classes_are_cleaned_independently():
+    # Class 2's small blob touches class 1's big one: another label never joins components,
+    # and class 1 being largest overall does not remove class 2's own largest blob.
+    touching_2 = (2, np.s_[5:6, 1:3, 1:3])  # 4 voxels, face-adjacent to BIG_1
+    labels = _labels(BIG_1, SMALL_1, touching_2, SMALL_2)
+    expected = _labels(BIG_1, touching_2)
+    np.testing.assert_array_equal(keep_largest_component(labels), expected)
+
+
+@pytest.mark.parametrize(
+    "classes, expected_blobs",
+    [
+        ((1,), (BIG_1, BIG_2, SMALL_2)),
+        ((2,), (BIG_1, SMALL_1, BIG_2)),
+        ((1, 2), (BIG_1, BIG_2)),
+        ((0, 3), (BIG_1, SMALL_1, BIG_2, SMALL_2)),  # background and absent classes: no-ops
+    ],
+)
+def test_only_the_chosen_classes_change(classes, expected_blobs):
+    labels = _labels(BIG_1, SMALL_1, BIG_2, SMALL_2)
+    np.testing.assert_array_equal(keep_largest_component(labels, classes), _labels(*expected_blobs))
+
+
+# A 2-voxel blob plus one voxel touching it at an edge, and one more touching at a corner only.
+_PAIR = np.s_[3:4, 3:4, 3:5]
+_EDGE = (4, 4, 3)  # shares an edge with voxel (3, 3, 3)
+_CORNER = (2, 2, 2)  # shares only a corner with voxel (3, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "connectivity, keeps_edge, keeps_corner",
+    [(26, True, True), (18, True, False), (6, False, False)],
+)
+def test_connectivity_decides_what_touches(connectivity, keeps_edge, keeps_corner):
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[_PAIR] = 1
+    labels[_EDGE] = labels[_CORNER] = 1
+    cleaned = keep_largest_component(labels, connectivity=connectivity)
+    assert (cleaned[_PAIR] == 1).all()
+    assert (cleaned[_EDGE] == 1) == keeps_edge
+    assert (cleaned[_CORNER] == 1) == keeps_corner
+
+
+def test_tie_keeps_the_component_found_first():
+    labels = _labels((1, np.s_[0:2, 0:2, 0:2]), (1, np.s_[9:11, 9:11, 9:11]))
+    np.testing.assert_array_equal(
+        keep_largest_component(labels), _labels((1, np.s_[0:2, 0:2, 0:2]))
+    )
+
+
+def test_empty_and_single_component_maps_are_unchanged():
+    empty = np.zeros(SHAPE, np.uint8)
+    single = _labels(BIG_1, BIG_2)
+    np.testing.assert_array_equal(keep_largest_component(empty), empty)
+    np.testing.assert_array_equal(keep_largest_component(single), single)
+
+
+@pytest.mark.parametrize(
+    "labels, kwargs, match",
+    [
+        (np.zeros(SHAPE, np.float32), {}, "integer"),
+        (np.zeros(SHAPE[:2], np.uint8), {}, "3D"),
+        (np.zeros(SHAPE, np.uint8), {"connectivity": 8}, "6, 18 or 26"),
+    ],
+)
+def test_bad_input_is_rejected(labels, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keep_largest_component(labels, **kwargs)
