@@ -149,8 +149,8 @@ def extract_patch(
         )
     coords = _source_coords(start, shape, matrix, pivot)
     return (
-        _resample(image, coords, order=1, cval=PAD_IMAGE).astype(np.float32, copy=False),
-        _resample(label, coords, order=0, cval=PAD_LABEL),
+        _linear(image, coords, cval=PAD_IMAGE).astype(np.float32, copy=False),
+        _nearest(label, coords, cval=PAD_LABEL),
     )
 
 
@@ -176,26 +176,39 @@ def _source_coords(start: np.ndarray, shape: Shape3, matrix: np.ndarray, pivot) 
     return coords.reshape(3, *shape)
 
 
-def _resample(array: np.ndarray, coords: np.ndarray, order: int, cval: float) -> np.ndarray:
-    """Samples ``array`` at ``coords`` after reading only the region those coordinates cover."""
-    spatial = coords.shape[1:]
+def _linear(image: np.ndarray, coords: np.ndarray, cval: float) -> np.ndarray:
+    """Interpolates (depth, height, width, channels) ``image`` at ``coords``, per channel.
+
+    Only the region the coordinates cover is read, so a memmapped case is touched locally.
+    """
     flat = coords.reshape(3, -1)
     begin = np.maximum(np.floor(flat.min(axis=1)).astype(np.int64), 0)
-    stop = np.minimum(np.ceil(flat.max(axis=1)).astype(np.int64) + 1, array.shape[:3])
+    stop = np.minimum(np.ceil(flat.max(axis=1)).astype(np.int64) + 1, image.shape[:3])
     if np.any(stop <= begin):
-        return np.full(spatial + array.shape[3:], cval, dtype=array.dtype)
-    region = np.asarray(array[tuple(slice(b, e) for b, e in zip(begin, stop))])
+        return np.full(coords.shape[1:] + image.shape[3:], cval, dtype=image.dtype)
+    region = np.asarray(image[tuple(slice(b, e) for b, e in zip(begin, stop))])
     local = coords - begin.reshape(3, 1, 1, 1)
-
     # 'grid-constant' treats the outside as cval *before* interpolating, as if padded.
-    def sample(volume: np.ndarray) -> np.ndarray:
-        return ndimage.map_coordinates(
-            volume, local, output=volume.dtype, order=order, mode="grid-constant", cval=cval
+    channels = [
+        ndimage.map_coordinates(
+            region[..., c], local, output=region.dtype, order=1, mode="grid-constant", cval=cval
         )
+        for c in range(region.shape[-1])
+    ]
+    return np.stack(channels, axis=-1)
 
-    if region.ndim == 3:
-        return sample(region)
-    return np.stack([sample(region[..., c]) for c in range(region.shape[-1])], axis=-1)
+
+def _nearest(label: np.ndarray, coords: np.ndarray, cval: int) -> np.ndarray:
+    """Copies each patch voxel's label from the source voxel nearest its coordinates.
+
+    A plain gather (no interpolation code at all, so a label can only ever be copied), which
+    reads only the voxels it needs from a memmap; outside the volume it is ``cval``.
+    """
+    index = np.rint(coords).astype(np.intp)
+    inside = np.all((index >= 0) & (index < np.reshape(label.shape, (3, 1, 1, 1))), axis=0)
+    out = np.full(coords.shape[1:], cval, dtype=label.dtype)
+    out[inside] = label[tuple(index[:, inside])]
+    return out
 
 
 def apply_patch_spatial(

@@ -213,6 +213,18 @@ def test_open_case_table_is_bounded(cases, capacity, expected_open):
     assert table.get(1) is table.get(1)  # reused, not reopened
 
 
+@pytest.mark.parametrize(
+    ("max_cached", "num_cases", "fd_limit", "expected"),
+    [(3, 10, 20000, 3), (0, 10, 20000, 10), (0, 1000, 300, 22), (0, 5, 200, 1)],
+)
+def test_unbounded_table_stays_within_the_descriptor_limit(
+    monkeypatch, max_cached, num_cases, fd_limit, expected
+):
+    # Each memmap holds a file descriptor: "open every case" must not exhaust them.
+    monkeypatch.setattr(pipeline.resource, "getrlimit", lambda _: (fd_limit, fd_limit))
+    assert pipeline._cache_capacity(max_cached, num_cases) == expected
+
+
 # --- Bad input ------------------------------------------------------------------------------
 
 
