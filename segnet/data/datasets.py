@@ -254,29 +254,48 @@ def _folder_cases(
         )
         return []
     channels = _group_channels(images_dir, problems)
+    problems += _orphan_labels(labels_dir, channels)
     cases = []
     for case_id, found in sorted(channels.items()):
-        missing = [c for c in range(data.num_channels) if c not in found]
-        extra = sorted(c for c in found if c >= data.num_channels)
-        if missing:
-            problems.append(
-                f"{images_dir}: case '{case_id}' is missing channel files "
-                f"{[f'{case_id}_{c:04d}' for c in missing]}"
-            )
-        if extra:
-            problems.append(
-                f"{images_dir}: case '{case_id}' has channel files {extra} beyond "
-                f"data.num_channels={data.num_channels}; set data.num_channels: "
-                f"{max(found) + 1}"
-            )
+        channel_problems = _channel_problems(images_dir, case_id, found, data.num_channels)
         label = _find_label(labels_dir, case_id)
         if subset == "train" and label is None:
             problems.append(
                 f"{labels_dir}: no label file for case '{case_id}' (expected {case_id}.nii.gz)"
             )
-        if not missing and not extra:
+        problems += channel_problems
+        if not channel_problems:
             cases.append(CaseFiles(case_id, tuple(found[c] for c in sorted(found)), label))
     return cases
+
+
+def _channel_problems(
+    images_dir: Path, case_id: str, found: dict[int, Path], num_channels: int
+) -> list[str]:
+    missing = [f"{case_id}_{c:04d}" for c in range(num_channels) if c not in found]
+    extra = sorted(c for c in found if c >= num_channels)
+    problems = []
+    if missing:
+        problems.append(f"{images_dir}: case '{case_id}' is missing channel files {missing}")
+    if extra:
+        problems.append(
+            f"{images_dir}: case '{case_id}' has channel files {extra} beyond "
+            f"data.num_channels={num_channels}; set data.num_channels: {max(found) + 1}"
+        )
+    return problems
+
+
+def _orphan_labels(labels_dir: Path, channels: dict[str, dict[int, Path]]) -> list[str]:
+    """Labels whose case has no image file at all (else the case would vanish silently)."""
+    if not labels_dir.is_dir():
+        return []
+    stems = (_strip_nifti(p.name) for p in sorted(labels_dir.iterdir()) if p.name[0] != ".")
+    return [
+        f"{labels_dir / stem}: label without image files (expected {stem}_0000.nii.gz in "
+        f"{labels_dir.parent / labels_dir.name.replace('labels', 'images')})"
+        for stem in stems
+        if stem is not None and stem not in channels
+    ]
 
 
 def _group_channels(images_dir: Path, problems: list[str]) -> dict[str, dict[int, Path]]:

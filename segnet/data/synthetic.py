@@ -266,7 +266,8 @@ def ensure_synthetic_dataset(root: str | Path, spec: SyntheticSpec | None = None
     Raises:
         UserError: ``root`` exists but holds something else, or cannot be written.
     """
-    root = Path(root)
+    root, spec = Path(root), spec or SyntheticSpec()
+    spec.validate()
     if (root / "dataset.json").is_file():
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -277,7 +278,7 @@ def ensure_synthetic_dataset(root: str | Path, spec: SyntheticSpec | None = None
     tmp = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex}")
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
-        write_synthetic_dataset(tmp, spec or SyntheticSpec())
+        write_synthetic_dataset(tmp, spec)
         _move_into_place(tmp, root)
     except PermissionError as exc:
         raise UserError(
