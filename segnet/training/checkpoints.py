@@ -1,0 +1,213 @@
+"""Checkpoints that resume exactly and survive a crash in the middle of a save.
+
+A checkpoint holds everything the next step depends on: the model (weights, normalisation
+statistics and the dropout seed generators' states), the optimizer (slots, iteration count and
+the float16 loss scale), the step, the number of finished epochs, and the best validation score
+so far. The data pipeline is a pure function of ``train.seed`` and the step, so the step is
+its position.
+
+Layout, in ``<run_dir>/checkpoints``::
+
+    checkpoint                 the state file: the kept checkpoints, newest last
+    ckpt-<step>.index/.data-*  the latest ``checkpoint.keep`` checkpoints
+    best/ckpt-<step>.*         the best by mean foreground validation Dice
+
+Crash safety: ``tf.train.CheckpointManager`` writes a checkpoint's data files first and then
+replaces the state file atomically, so a crash mid-save leaves the state file naming only
+complete checkpoints. Each save is read back (every tensor, which checks its CRC). On resume
+the newest checkpoint that reads back intact is restored; an unreadable one is reported in one
+line and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from segnet.errors import RunDirError
+from segnet.run_dir import explain_os_error
+
+log = logging.getLogger("segnet")
+NO_SCORE = -1.0  # best_score before any validation
+
+
+@dataclass
+class TrainState:
+    """The loop's counters, as variables so that they live in the checkpoint.
+
+    Attributes:
+        step: optimizer steps done; also the data pipeline's position.
+        epochs_done: epochs whose end-of-epoch work (validation, save) is finished.
+        best_score: the best mean foreground validation Dice so far (``NO_SCORE``: none yet).
+    """
+
+    step: tf.Variable
+    epochs_done: tf.Variable
+    best_score: tf.Variable
+
+    @classmethod
+    def create(cls) -> TrainState:
+        # Plain (non-distributed) variables: created outside the strategy scope on purpose, so
+        # every worker holds the same host-side counters.
+        return cls(
+            step=tf.Variable(0, dtype=tf.int64, trainable=False, name="step"),
+            epochs_done=tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_done"),
+            best_score=tf.Variable(NO_SCORE, dtype=tf.float64, trainable=False, name="best"),
+        )
+
+
+def build_checkpoint(
+    model: keras.Model, optimizer: keras.optimizers.Optimizer, state: TrainState
+) -> tf.train.Checkpoint:
+    """The object graph that is saved. The optimizer must be built (its slots exist)."""
+    # Keras 3 layers do not expose their SeedGenerator states to tf.train tracking, so the
+    # model's non-trainable variables (seed states, BatchNorm moving statistics) are listed
+    # explicitly; variables reachable twice are stored once.
+    return tf.train.Checkpoint(
+        model=model,
+        optimizer=optimizer,
+        model_state=list(model.non_trainable_variables),
+        step=state.step,
+        epochs_done=state.epochs_done,
+        best_score=state.best_score,
+    )
+
+
+class Checkpoints:
+    """Saving, verifying and restoring the latest and the best checkpoints.
+
+    Args:
+        checkpoint: from :func:`build_checkpoint`.
+        read_dir: the run's checkpoint directory, where resuming looks.
+        write_dir: where this worker saves: ``read_dir`` on the chief, a temporary directory
+            on the other workers of a multi-worker run.
+        keep: the number of latest checkpoints kept.
+    """
+
+    def __init__(
+        self, checkpoint: tf.train.Checkpoint, read_dir: Path, write_dir: Path, keep: int
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.read_dir = read_dir
+        self.write_dir = write_dir
+        self.latest = _manager(checkpoint, write_dir, keep)
+        self.best = _manager(checkpoint, write_dir / "best", 1)
+
+    def restore(self) -> str | None:
+        """Restores the newest readable checkpoint of ``read_dir``; None when there is none.
+
+        Raises:
+            RunDirError: checkpoints exist but none of them can be read.
+        """
+        candidates = checkpoint_candidates(self.read_dir)
+        for index, path in enumerate(candidates):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+                return path
+            fallback = candidates[index + 1] if index + 1 < len(candidates) else None
+            then = f"falling back to {Path(fallback).name}" if fallback else "none left"
+            log.warning("checkpoint %s is unreadable (%s); %s", Path(path).name, problem, then)
+        if candidates:
+            raise RunDirError(
+                f"{self.read_dir}: no checkpoint can be read; move the directory away to "
+                "start training from scratch"
+            )
+        return None
+
+    def save(self, step: int) -> str:
+        """Saves and verifies a checkpoint of the current state as ``ckpt-<step>``."""
+        return _save(self.latest, step)
+
+    def save_best(self, step: int) -> str:
+        """Replaces the best checkpoint with the current state."""
+        return _save(self.best, step)
+
+
+def _manager(
+    checkpoint: tf.train.Checkpoint, directory: Path, keep: int
+) -> tf.train.CheckpointManager:
+    # An unparsable state file is ignored by TensorFlow (with a warning) and rewritten by the
+    # next save; checkpoint_candidates then finds the checkpoints from their files.
+    return tf.train.CheckpointManager(checkpoint, str(directory), max_to_keep=keep)
+
+
+def _save(manager: tf.train.CheckpointManager, step: int) -> str:
+    directory = Path(manager.directory)
+    try:
+        path = manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as exc:
+        _remove_partial(directory, step)
+        raise _save_error(exc, directory) from None
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise RunDirError(
+            f"{path}: the checkpoint just written does not read back ({problem}); check the "
+            "disk, or choose another --run-dir"
+        )
+    return path
+
+
+def _save_error(exc: OSError | tf.errors.OpError, directory: Path) -> Exception:
+    text = str(exc)
+    if isinstance(exc, OSError):
+        return explain_os_error(exc, directory)
+    if "No space left" in text or "ENOSPC" in text:
+        return explain_os_error(OSError(errno.ENOSPC, "No space left on device"), directory)
+    if "Permission denied" in text or "Read-only file system" in text:
+        return explain_os_error(OSError(errno.EACCES, _first_line(exc)), directory)
+    return exc
+
+
+def _remove_partial(directory: Path, step: int) -> None:
+    # TensorFlow writes shards into ckpt-<step>_temp/ before merging them; a failed save leaves
+    # them behind, taking the space the user needs back.
+    for leftover in directory.glob(f"ckpt-{step}_temp*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def checkpoint_candidates(directory: Path) -> list[str]:
+    """Checkpoint prefixes of ``directory``, newest first.
+
+    The state file's list is used when it is readable; otherwise the ``ckpt-<n>.index`` files,
+    by step.
+    """
+    try:
+        state = tf.train.get_checkpoint_state(str(directory))
+    except (tf.errors.OpError, ValueError):
+        state = None
+    if state is not None and state.all_model_checkpoint_paths:
+        return list(reversed(state.all_model_checkpoint_paths))
+    numbered = []
+    for index_file in directory.glob("ckpt-*.index"):
+        match = re.fullmatch(r"ckpt-(\d+)\.index", index_file.name)
+        if match:
+            numbered.append((int(match.group(1)), str(directory / f"ckpt-{match.group(1)}")))
+    return [path for _, path in sorted(numbered, reverse=True)]
+
+
+def verify_checkpoint(path: str) -> str | None:
+    """Reads every tensor of a checkpoint (which checks its CRC32C); None when all are intact.
+
+    Returns:
+        One line naming the problem, or None.
+    """
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except (tf.errors.OpError, ValueError, OSError) as exc:
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__

@@ -1,0 +1,373 @@
+"""What the user sees of a training run: progress bars, the epoch log line, metrics.csv, TensorBoard.
+
+* A tqdm bar per epoch with the running loss, the running Dice of the training patches,
+  steps per second and the share of each step spent waiting for data. Hidden with ``--quiet``
+  or when stderr is not a terminal (a log file gets the epoch lines only).
+* One log line per epoch (the ``segnet`` logger), also the line a non-interactive run prints.
+* ``metrics.csv``: one row per epoch. On resume the rows of epochs that will be trained again
+  are dropped first, so the file never holds an epoch twice.
+* TensorBoard in ``<run_dir>/logs``: training loss, learning rate, gradient norm, validation
+  Dice per class, and an image of one validation slice with ground-truth and prediction
+  overlays.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+from tqdm import tqdm
+
+from segnet.run_dir import atomic_write_text
+
+log = logging.getLogger("segnet")
+
+# Overlay colours of classes 1, 2, ... (class 0, background, is not drawn); cycled beyond.
+PALETTE = np.array(
+    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]],
+    dtype=np.float32,
+)
+OVERLAY_ALPHA = 0.45
+
+
+# ---------------------------------------------------------------------------------------------
+# Running statistics of an epoch
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EpochStats:
+    """Loss, hard Dice counts and timing accumulated over the steps of one epoch.
+
+    ``counts`` is (num_classes, 3) true positives, false positives and false negatives of the
+    argmax of the training logits, summed over the epoch's steps.
+    """
+
+    num_classes: int
+    steps: int = 0
+    loss_sum: float = 0.0
+    wait_seconds: float = 0.0
+    step_seconds: float = 0.0
+    counts: np.ndarray = field(init=False)
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.counts = np.zeros((self.num_classes, 3), np.float64)
+
+    def add(
+        self, loss: float, counts: np.ndarray, wait_seconds: float, step_seconds: float
+    ) -> None:
+        self.steps += 1
+        self.loss_sum += loss
+        self.counts += counts
+        self.wait_seconds += wait_seconds
+        self.step_seconds += step_seconds
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
+
+    @property
+    def dice(self) -> float:
+        """Mean over foreground classes of the Dice pooled over the epoch's patches."""
+        tp, fp, fn = self.counts[1:].T
+        denominator = 2 * tp + fp + fn
+        per_class = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)
+        return float(per_class.mean()) if len(per_class) else float("nan")
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.step_seconds if self.step_seconds > 0 else 0.0
+
+    @property
+    def data_wait(self) -> float:
+        """Share of the step time spent blocked on the input pipeline, in [0, 1]."""
+        return self.wait_seconds / self.step_seconds if self.step_seconds > 0 else 0.0
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def is_interactive(quiet: bool) -> bool:
+    """Whether progress bars are shown: not ``--quiet`` and stderr is a terminal."""
+    return not quiet and sys.stderr.isatty()
+
+
+class EpochBar:
+    """The tqdm bar of one epoch (a no-op when hidden)."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, done: int, show: bool) -> None:
+        self._bar = tqdm(
+            total=steps,
+            initial=done,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            unit="step",
+            disable=not show,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def update(self, stats: EpochStats) -> None:
+        self._bar.set_postfix_str(
+            f"loss {stats.loss:.4f} dice {stats.dice:.3f} "
+            f"{stats.steps_per_second:.2f} step/s wait {stats.data_wait:.0%}",
+            refresh=False,
+        )
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def epoch_line(
+    epoch: int, epochs: int, step: int, stats: EpochStats, validation: dict[str, float] | None
+) -> str:
+    """The one-line summary of an epoch for the log."""
+    text = (
+        f"epoch {epoch + 1}/{epochs} step {step}: loss {stats.loss:.4f}, train dice "
+        f"{stats.dice:.3f}, {stats.steps_per_second:.2f} steps/s, data wait "
+        f"{stats.data_wait:.0%}, {stats.elapsed:.0f} s"
+    )
+    if validation:
+        per_class = ", ".join(
+            f"{k.removeprefix('val_dice_')}: {v:.3f}"
+            for k, v in validation.items()
+            if k.startswith("val_dice_")
+        )
+        text += f"; val dice {validation['val_dice']:.3f} ({per_class})"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.csv
+# ---------------------------------------------------------------------------------------------
+class MetricsCsv:
+    """``metrics.csv``: one row per epoch (1-based), appended as epochs finish.
+
+    Args:
+        path: the file.
+        num_classes: classes, background included; one validation column per foreground class.
+        first_epoch: the 1-based epoch the run is about to write; rows from it on are dropped
+            (they belong to the epochs a resumed run trains again).
+    """
+
+    def __init__(self, path: Path, num_classes: int, first_epoch: int) -> None:
+        self.path = path
+        self.columns = [
+            "epoch",
+            "step",
+            "loss",
+            "train_dice",
+            "val_dice",
+            *(f"val_dice_{c}" for c in range(1, num_classes)),
+            "learning_rate",
+            "steps_per_s",
+            "data_wait",
+            "seconds",
+        ]
+        self._truncate(first_epoch)
+
+    def _truncate(self, first_epoch: int) -> None:
+        rows = self._read()
+        kept = [row for row in rows if _epoch_of(row) < first_epoch]
+        if rows and len(kept) == len(rows) and self._header_matches():
+            return
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, self.columns, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_text(self.path, buffer.getvalue())
+
+    def _read(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+
+    def _header_matches(self) -> bool:
+        with self.path.open(newline="", encoding="utf-8") as handle:
+            return next(csv.reader(handle), []) == self.columns
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Appends one epoch's row; missing columns stay empty."""
+        with self.path.open("a", newline="", encoding="utf-8") as handle:
+            csv.DictWriter(handle, self.columns, restval="", extrasaction="ignore").writerow(
+                {k: _format(v) for k, v in row.items()}
+            )
+
+
+def _epoch_of(row: dict[str, str]) -> int:
+    try:
+        return int(row.get("epoch") or 0)
+    except ValueError:
+        return 0
+
+
+def _format(value: Any) -> Any:
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard
+# ---------------------------------------------------------------------------------------------
+class Summaries:
+    """TensorBoard event files in ``logdir``; a no-op when ``logdir`` is None (non-chief).
+
+    Written with ``tf.summary.write`` and the scalar/image plugins' metadata, the format
+    ``tensorboard.summary`` produces, so writing needs TensorFlow only; viewing needs the
+    ``tensorboard`` package.
+    """
+
+    def __init__(self, logdir: Path | None) -> None:
+        self._writer = (
+            tf.summary.create_file_writer(str(logdir))
+            if logdir is not None
+            else tf.summary.create_noop_writer()
+        )
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        with self._writer.as_default(step=step):
+            for name, value in values.items():
+                tf.summary.write(name, tf.constant(value, tf.float32), metadata=_SCALAR)
+
+    def image(self, step: int, name: str, rgb: np.ndarray) -> None:
+        """``rgb``: uint8 (height, width, 3)."""
+        height, width = rgb.shape[:2]
+        png = tf.image.encode_png(rgb)
+        tensor = tf.stack([tf.as_string(width), tf.as_string(height), png])
+        with self._writer.as_default(step=step):
+            tf.summary.write(name, tensor, metadata=_IMAGE)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _plugin_metadata(plugin: str) -> summary_pb2.SummaryMetadata:
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin)
+    )
+
+
+_SCALAR = _plugin_metadata("scalars")
+_IMAGE = _plugin_metadata("images")
+
+
+def overlay_panel(image: np.ndarray, label: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """Image | ground-truth overlay | prediction overlay, side by side.
+
+    Args:
+        image: float (height, width), any range (scaled to its 1st-99th percentile).
+        label: int (height, width) ground truth.
+        prediction: int (height, width).
+
+    Returns:
+        uint8 (height, 3 * width, 3).
+    """
+    low, high = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
+    gray = np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255
+    rgb = np.repeat(gray[..., np.newaxis], 3, axis=-1).astype(np.float32)
+    panels = [rgb, _overlay(rgb, label), _overlay(rgb, prediction)]
+    return np.concatenate(panels, axis=1).round().astype(np.uint8)
+
+
+def _overlay(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    out = rgb.copy()
+    mask = labels > 0
+    colours = PALETTE[(labels[mask] - 1) % len(PALETTE)]
+    out[mask] = (1 - OVERLAY_ALPHA) * out[mask] + OVERLAY_ALPHA * colours
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything together
+# ---------------------------------------------------------------------------------------------
+class Reporter:
+    """Bars, log lines, metrics.csv and TensorBoard for one run.
+
+    Args:
+        run_dir: the run directory, or None on a worker that must not write it.
+        num_classes: classes, background included.
+        first_epoch: the 0-based epoch the run starts (or resumes) in.
+        log_every: TensorBoard cadence of the per-step scalars, in steps.
+        show_bars: whether tqdm bars are drawn (see :func:`is_interactive`).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path | None,
+        num_classes: int,
+        first_epoch: int,
+        log_every: int,
+        show_bars: bool,
+    ) -> None:
+        self.num_classes = num_classes
+        self.log_every = log_every
+        self.show_bars = show_bars
+        self.csv = (
+            MetricsCsv(run_dir / "metrics.csv", num_classes, first_epoch + 1) if run_dir else None
+        )
+        self.summaries = Summaries(run_dir / "logs" if run_dir else None)
+        self._bar: EpochBar | None = None
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int) -> EpochStats:
+        self._bar = EpochBar(epoch, epochs, steps, done, self.show_bars)
+        return EpochStats(self.num_classes)
+
+    def step(self, step: int, stats: EpochStats, scalars: dict[str, float]) -> None:
+        """After each step: the bar, and every ``log_every`` steps the TensorBoard scalars."""
+        if self._bar is not None:
+            self._bar.update(stats)
+        if step % self.log_every == 0:
+            self.summaries.scalars(step, scalars)
+
+    def end_epoch(
+        self,
+        epoch: int,
+        epochs: int,
+        step: int,
+        stats: EpochStats,
+        validation: dict[str, float] | None,
+        learning_rate: float,
+    ) -> None:
+        """The epoch's log line, its metrics.csv row and its TensorBoard scalars."""
+        self.close_bar()
+        log.info(epoch_line(epoch, epochs, step, stats, validation))
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": stats.loss,
+            "train_dice": stats.dice,
+            "learning_rate": learning_rate,
+            "steps_per_s": stats.steps_per_second,
+            "data_wait": stats.data_wait,
+            "seconds": stats.elapsed,
+            **(validation or {}),
+        }
+        if self.csv is not None:
+            self.csv.append(row)
+        scalars = {"epoch/loss": stats.loss, "epoch/train_dice": stats.dice}
+        scalars["epoch/data_wait"] = stats.data_wait
+        scalars.update({f"val/{k.removeprefix('val_')}": v for k, v in (validation or {}).items()})
+        self.summaries.scalars(step, scalars)
+        self.summaries.flush()
+
+    def close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        self.close_bar()
+        self.summaries.close()

@@ -1,0 +1,450 @@
+"""The training loop: ``train(config)`` takes a config to an exported model in a run directory.
+
+Read top to bottom, :func:`train` does:
+
+1. Load the dataset, check every case (every problem reported at once, DataError) and
+   preprocess it into the cache. Nothing is written into the run directory before this passes.
+2. Check the run directory (a different experiment there is refused), store the config and the
+   dataset fingerprint.
+3. Build the model, optimizer and loss under the distribution strategy and restore the newest
+   readable checkpoint, if any: the model, the optimizer, the step and the best score.
+4. Start the data stream at the restored step, so a resumed run sees exactly the batches an
+   uninterrupted one would.
+5. Train epoch by epoch; at each epoch's end validate on whole held-out volumes (every
+   ``train.val_every`` epochs and at the last), keep the best checkpoint, save the latest,
+   write metrics.csv and TensorBoard.
+6. Export ``model.keras`` and a SavedModel.
+
+Stopping: SIGINT/SIGTERM save a checkpoint at the next step boundary and return normally with
+a resume hint. A non-finite loss stops without saving the bad state; out of memory and a full
+disk stop with one sentence saying what to change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from segnet._tf_env import log_onednn_status
+from segnet.config import ExperimentConfig
+from segnet.data.cache import load_or_compute_fingerprint, prepare_cases
+from segnet.data.case import PreprocessedCase
+from segnet.data.datasets import load_split
+from segnet.data.pipeline import build_dataset, check_training_cases, describe_pipeline
+from segnet.data.preprocessing import DatasetFingerprint
+from segnet.data.validation import check_cases
+from segnet.errors import UserError
+from segnet.losses import build_loss
+from segnet.models.registry import build_model
+from segnet.run_dir import (
+    CONFIG_NAME,
+    atomic_write_text,
+    check_run_dir,
+    default_run_dir,
+    explain_os_error,
+    initialise_run_dir,
+)
+from segnet.training.checkpoints import NO_SCORE, Checkpoints, TrainState, build_checkpoint
+from segnet.training.distribute import Cluster, WriteDir, build_strategy
+from segnet.training.export import export_model
+from segnet.training.optimizers import build_optimizer
+from segnet.training.preemption import StopRequest
+from segnet.training.progress import EpochStats, Reporter, is_interactive, overlay_panel
+from segnet.training.step import make_train_step
+from segnet.training.validation import ValidationResult, make_predict_fn, validate
+
+log = logging.getLogger("segnet")
+FINGERPRINT_NAME = "fingerprint.json"
+
+
+class OutOfMemoryError(UserError):
+    """A training or validation step did not fit in memory."""
+
+
+class DivergedError(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a call to :func:`train` ended.
+
+    Attributes:
+        run_dir: the run directory.
+        step: optimizer steps done in total.
+        epochs_done: finished epochs.
+        best_score: best mean foreground validation Dice, or None before any validation.
+        interrupted: stopped by SIGINT/SIGTERM (a checkpoint was saved; run again to resume).
+        model: the trained model.
+    """
+
+    run_dir: Path
+    step: int
+    epochs_done: int
+    best_score: float | None
+    interrupted: bool
+    model: keras.Model
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Preprocessed training and validation cases and the fingerprint they were made with."""
+
+    train: list[PreprocessedCase]
+    val: list[PreprocessedCase]
+    fingerprint: DatasetFingerprint
+
+
+def train(
+    config: ExperimentConfig,
+    run_dir: Path | None = None,
+    force: bool = False,
+    quiet: bool = False,
+) -> TrainResult:
+    """Trains ``config`` in ``run_dir`` (default ``runs/<name>``), resuming what is there.
+
+    Args:
+        config: the experiment.
+        run_dir: the run directory.
+        force: continue a run directory whose stored config differs.
+        quiet: no progress bars.
+
+    Returns:
+        How training ended; ``interrupted`` runs resume with the same call.
+
+    Raises:
+        UserError: a problem the user can fix (data, run directory, memory, divergence, disk).
+    """
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    log_onednn_status(log)
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    cluster = build_strategy(config)
+    log.info(
+        "strategy: %s; precision %s; XLA %s",
+        cluster.description,
+        config.runtime.precision,
+        "on" if config.runtime.jit_compile else "off",
+    )
+    data = load_training_data(config)
+    check_training_cases(config, data.train, model_spatial_dims(config))
+    resuming = check_run_dir(run_dir, config, force)
+    if cluster.is_chief:
+        initialise_run_dir(run_dir, config)
+        _write_fingerprint(run_dir, data.fingerprint)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_precision_policy(config.runtime.precision))
+        write_dir = stack.enter_context(WriteDir(run_dir, cluster.is_chief, cluster.worker_index))
+        if cluster.is_chief:
+            stack.enter_context(_log_file(run_dir / "train.log"))
+        stop = stack.enter_context(StopRequest())
+        log.info("%s %s", "resuming" if resuming else "starting", run_dir)
+        session = _Session(config, cluster, data, run_dir, write_dir.path, stop, quiet)
+        return session.run()
+
+
+def model_spatial_dims(config: ExperimentConfig) -> int:
+    """2 for a 2D SegNet (trained on axial slices), else 3."""
+    return 2 if config.model.name == "segnet" and config.model.segnet.spatial_dims == 2 else 3
+
+
+def load_training_data(config: ExperimentConfig) -> TrainingData:
+    """Reads, checks and preprocesses the training cases and the validation cases used.
+
+    Raises:
+        DataError: listing every unusable case (unless ``data.skip_bad_cases``).
+    """
+    split = load_split(config.data)
+    usable = {c.case_id for c in check_cases([*split.train, *split.val], config)}
+    train_files = [c for c in split.train if c.case_id in usable]
+    val_files = sorted(
+        (c for c in split.val if c.case_id in usable and c.label is not None),
+        key=lambda c: c.case_id,
+    )
+    if config.train.val_every == 0:
+        val_files = []
+    elif config.train.val_max_cases > 0:
+        val_files = val_files[: config.train.val_max_cases]
+    fingerprint = load_or_compute_fingerprint(config, train_files)
+    train_cases = prepare_cases(config, train_files, fingerprint)
+    val_cases = prepare_cases(config, val_files, fingerprint) if val_files else []
+    log.info("data: %d training cases, %d validation cases", len(train_cases), len(val_cases))
+    return TrainingData(train_cases, val_cases, fingerprint)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that resumes ``run_dir`` (its stored config, so nothing can differ)."""
+    script = sys.argv[0] if sys.argv else ""
+    program = f"python {shlex.quote(script)}" if script.endswith(".py") else "segnet-train"
+    config_path = shlex.quote(str(run_dir / CONFIG_NAME))
+    return f"{program} --config {config_path} --run-dir {shlex.quote(str(run_dir))}"
+
+
+class _Session:
+    """One call of :func:`train` after the checks: the objects the loop works on."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        cluster: Cluster,
+        data: TrainingData,
+        run_dir: Path,
+        write_dir: Path,
+        stop: StopRequest,
+        quiet: bool,
+    ) -> None:
+        self.config, self.cluster, self.data = config, cluster, data
+        self.run_dir, self.stop = run_dir, stop
+        self.spatial_dims = model_spatial_dims(config)
+        keras.utils.set_random_seed(config.train.seed)  # weights, dropout: same every run
+        self.state = TrainState.create()
+        with cluster.strategy.scope():
+            self.model = build_model(config)
+            self.optimizer = build_optimizer(config)
+            self.optimizer.build(self.model.trainable_variables)
+        checkpoint = build_checkpoint(self.model, self.optimizer, self.state)
+        self.checkpoints = Checkpoints(
+            checkpoint, run_dir / "checkpoints", write_dir / "checkpoints", config.checkpoint.keep
+        )
+        restored = self.checkpoints.restore()
+        if restored:
+            log.info("restored %s (step %d)", restored, self.step)
+        self.last_saved = self.step if restored else -1
+        self.train_step = make_train_step(
+            self.model,
+            self.optimizer,
+            build_loss(config, self.model),
+            cluster.strategy,
+            num_classes=config.data.num_classes,
+            clip_norm=config.optimizer.clip_norm,
+            jit_compile=config.runtime.jit_compile,
+        )
+        self.batches = self._batches()
+        self.predict_fn = make_predict_fn(self.model)
+        self.reporter = Reporter(
+            run_dir if cluster.is_chief else None,
+            config.data.num_classes,
+            first_epoch=int(self.state.epochs_done),
+            log_every=config.runtime.log_every_steps,
+            show_bars=is_interactive(quiet) and cluster.is_chief,
+        )
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step.numpy())
+
+    def _batches(self) -> Iterator:
+        dataset = build_dataset(
+            self.config, self.data.train, start_step=self.step, spatial_dims=self.spatial_dims
+        )
+        log.info(
+            describe_pipeline(
+                self.config, self.data.train, start_step=self.step, spatial_dims=self.spatial_dims
+            )
+        )
+        return iter(self.cluster.strategy.experimental_distribute_dataset(dataset))
+
+    # --- The loop ----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        train = self.config.train
+        first_step = self.step
+        try:
+            for epoch in range(int(self.state.epochs_done), train.epochs):
+                done = self.step - epoch * train.steps_per_epoch  # > 0 when resuming mid-epoch
+                stats = self.reporter.start_epoch(epoch, train.epochs, train.steps_per_epoch, done)
+                for _ in range(done, train.steps_per_epoch):
+                    if self._train_one_step(stats):
+                        return self._stop_here()
+                self._end_epoch(epoch, stats)
+                if self.stop.requested:  # asked during validation: the epoch's save is done
+                    return self._stop_here()
+        finally:
+            self.reporter.close()
+        export_dir = self.run_dir / "export"
+        if first_step == self.step and (export_dir / "saved_model").exists():
+            log.info("nothing left to train: %d epochs done", train.epochs)
+        elif self.cluster.is_chief:
+            keras_path, saved_path = export_model(self.model, export_dir)
+            log.info("exported %s and %s", keras_path, saved_path)
+        return self._result(interrupted=False)
+
+    def _train_one_step(self, stats: EpochStats) -> bool:
+        """Runs one step; returns whether the run must stop after it (a signal arrived)."""
+        started = time.perf_counter()
+        batch = next(self.batches)
+        fetched = time.perf_counter()
+        stop_flag = tf.constant(1.0 if self.stop.requested else 0.0)
+        try:
+            out = self.train_step(batch, stop_flag)
+            loss = float(out.loss)  # waits for the step; the finite check needs the value
+        except tf.errors.ResourceExhaustedError:
+            raise self._out_of_memory("a training step") from None
+        except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as exc:
+            raise _missing_kernel(exc, self.config) from None
+        step = int(self.state.step.assign_add(1))
+        if not math.isfinite(loss):
+            raise self._diverged(loss, step)
+        stats.add(loss, out.counts.numpy(), fetched - started, time.perf_counter() - started)
+        scalars = {
+            "train/loss": loss,
+            "train/learning_rate": self._learning_rate(),
+            "train/grad_norm": float(out.grad_norm),
+        }
+        self.reporter.step(step, stats, scalars)
+        every = self.config.checkpoint.every_steps
+        if every and step % every == 0 and step % self.config.train.steps_per_epoch:
+            self._save()  # epoch ends save after validation instead
+        return bool(out.stop)
+
+    def _end_epoch(self, epoch: int, stats: EpochStats) -> None:
+        """Validation, best checkpoint, metrics row, then the latest checkpoint."""
+        self.reporter.close_bar()
+        validation = self._validate(epoch)
+        if validation is not None and validation.mean > float(self.state.best_score):
+            self.state.best_score.assign(validation.mean)
+            if self.config.checkpoint.keep_best:
+                path = self.checkpoints.save_best(self.step)
+                log.info("new best validation dice %.4f: %s", validation.mean, path)
+        row = validation.as_row() if validation is not None else None
+        self.reporter.end_epoch(
+            epoch, self.config.train.epochs, self.step, stats, row, self._learning_rate()
+        )
+        if validation is not None and validation.example is not None:
+            overlay = overlay_panel(*validation.example)
+            self.reporter.summaries.image(self.step, "val/overlay", overlay)
+        self.state.epochs_done.assign(epoch + 1)
+        self._save()
+
+    def _validate(self, epoch: int) -> ValidationResult | None:
+        train = self.config.train
+        due = train.val_every > 0 and (
+            (epoch + 1) % train.val_every == 0 or epoch + 1 == train.epochs
+        )
+        if not due or not self.data.val:
+            return None
+        try:
+            return validate(self.predict_fn, self.data.val, self.config, self.spatial_dims)
+        except tf.errors.ResourceExhaustedError:
+            raise self._out_of_memory("validation") from None
+
+    # --- Saving and stopping -------------------------------------------------------------------
+    def _save(self) -> None:
+        if self.last_saved == self.step:
+            return
+        path = self.checkpoints.save(self.step)
+        self.last_saved = self.step
+        log.info("checkpoint saved: %s", path)
+
+    def _stop_here(self) -> TrainResult:
+        self.reporter.close_bar()
+        self._save()
+        log.warning(
+            "stopped at step %d (%s); resume with: %s",
+            self.step,
+            self.stop.signal_name or "stop requested by another worker",
+            resume_command(self.run_dir),
+        )
+        return self._result(interrupted=True)
+
+    def _result(self, interrupted: bool) -> TrainResult:
+        best = float(self.state.best_score)
+        return TrainResult(
+            run_dir=self.run_dir,
+            step=self.step,
+            epochs_done=int(self.state.epochs_done),
+            best_score=None if best == NO_SCORE else best,
+            interrupted=interrupted,
+            model=self.model,
+        )
+
+    def _learning_rate(self) -> float:
+        return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+
+    # --- Errors --------------------------------------------------------------------------------
+    def _out_of_memory(self, where: str) -> OutOfMemoryError:
+        config = self.config
+        patch = "x".join(map(str, config.data.patch_size))
+        if where == "validation":
+            fix = "lower evaluation.batch_size or set evaluation.accumulate_on_cpu: true"
+        else:
+            fix = (
+                f"lower train.batch_size ({config.train.batch_size}) or data.patch_size "
+                f"({patch}), use fewer model filters, or set runtime.precision: mixed_bfloat16 "
+                "(or mixed_float16 on GPUs)"
+            )
+        return OutOfMemoryError(f"out of memory in {where} at step {self.step}; {fix}")
+
+    def _diverged(self, loss: float, step: int) -> DivergedError:
+        opt = self.config.optimizer
+        saved = f"ckpt-{self.last_saved}" if self.last_saved >= 0 else "none yet"
+        fix = f"lower optimizer.learning_rate (now {opt.learning_rate:g})"
+        if opt.clip_norm is None:
+            fix += " or enable clipping with optimizer.clip_norm: 12"
+        return DivergedError(
+            f"the loss became {loss} at step {step}; training stopped without saving that state "
+            f"(last checkpoint: {saved}); {fix}, then run again with --force to resume from the "
+            "last checkpoint"
+        )
+
+
+def _missing_kernel(exc: tf.errors.OpError, config: ExperimentConfig) -> Exception:
+    """A UserError for a dtype the device has no kernel for (float16 on CPUs), else ``exc``."""
+    text = str(exc)
+    match = re.search(r"No registered '(\w+)' OpKernel", text) or re.search(
+        r"No OpKernel was registered to support Op '(\w+)'", text
+    )
+    if match is None:
+        return exc
+    return UserError(
+        f"runtime.precision: {config.runtime.precision}: this device has no kernel for "
+        f"{match.group(1)} in that precision (TensorFlow's CPU kernels lack most float16 "
+        "ops); use mixed_bfloat16 or float32 on CPUs, mixed_float16 on GPUs"
+    )
+
+
+def _write_fingerprint(run_dir: Path, fingerprint: DatasetFingerprint) -> None:
+    path = run_dir / FINGERPRINT_NAME
+    try:
+        atomic_write_text(path, json.dumps(fingerprint.to_dict(), indent=1) + "\n")
+    except OSError as exc:
+        raise explain_os_error(exc, path) from None
+
+
+@contextlib.contextmanager
+def _precision_policy(name: str) -> Iterator[None]:
+    """Sets the Keras global dtype policy for the models built inside, then restores it."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+@contextlib.contextmanager
+def _log_file(path: Path) -> Iterator[None]:
+    """Copies the ``segnet`` log into ``train.log``, appending across resumes.
+
+    It records what the logger lets through: INFO normally, warnings only under ``--quiet``.
+    """
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,143 @@
+"""Validation during training: whole held-out volumes, sliding-window inference, per-class Dice.
+
+Patches flatter a model (they are drawn near the foreground); whole volumes are what
+evaluation and users see, so validation predicts every held-out case completely with the same
+sliding window as inference (``config.window``, ``evaluation.overlap``, weighting, batch
+size). Test-time mirroring is left to evaluation: it multiplies the cost by up to 8 for a
+small gain, and validation only has to rank checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+from segnet import metrics
+from segnet.config import ExperimentConfig
+from segnet.data.case import PreprocessedCase
+from segnet.inference.sliding_window import probabilities_to_labels, sliding_window_inference
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """Dice of the held-out cases.
+
+    Attributes:
+        per_case: case id -> {foreground class -> Dice}.
+        per_class: foreground class -> mean Dice over the cases.
+        mean: mean of ``per_class``: the score that picks the best checkpoint.
+        example: (image, label, prediction) of one axial slice of the first case, the slice
+            with the most foreground, for the TensorBoard overlay; each (height, width).
+        seconds: wall time of the validation.
+    """
+
+    per_case: dict[str, dict[int, float]]
+    per_class: dict[int, float]
+    mean: float
+    example: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    seconds: float
+
+    def as_row(self) -> dict[str, float]:
+        """``{"val_dice": mean, "val_dice_1": ..., ...}`` for metrics.csv and TensorBoard."""
+        row = {"val_dice": self.mean}
+        row.update({f"val_dice_{c}": d for c, d in self.per_class.items()})
+        return row
+
+
+def make_predict_fn(model: keras.Model) -> Callable[[Any], Any]:
+    """The full-resolution logits of ``model`` in inference mode (output 0 of a list)."""
+
+    def predict(batch: Any) -> Any:
+        outputs = model(batch, training=False)
+        return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
+    return predict
+
+
+def validation_cases(
+    config: ExperimentConfig, cases: Sequence[PreprocessedCase]
+) -> list[PreprocessedCase]:
+    """The labelled held-out cases, at most ``train.val_max_cases`` (the first by id)."""
+    labelled = sorted((c for c in cases if c.label_path is not None), key=lambda c: c.case_id)
+    limit = config.train.val_max_cases
+    return labelled[:limit] if limit > 0 else labelled
+
+
+def validate(
+    predict_fn: Callable[[Any], Any],
+    cases: Sequence[PreprocessedCase],
+    config: ExperimentConfig,
+    spatial_dims: int = 3,
+) -> ValidationResult:
+    """Predicts each case whole and scores it.
+
+    Args:
+        predict_fn: from :func:`make_predict_fn`; keep one per model, since sliding-window
+            inference caches its compiled graph per function.
+        cases: the held-out cases, each with a label (see :func:`validation_cases`).
+        config: reads ``window``, ``evaluation`` and ``data.num_classes``.
+        spatial_dims: 2 for a model that predicts axial slices (batched a window's depth of
+            slices at a time), else 3.
+
+    Returns:
+        The per-case and per-class Dice.
+    """
+    started = time.perf_counter()
+    num_classes = config.data.num_classes
+    per_case: dict[str, dict[int, float]] = {}
+    example = None
+    for case in cases:
+        label = np.asarray(case.load_label())
+        prediction = predict_case(predict_fn, case, config, spatial_dims)
+        per_case[case.case_id] = {
+            c: metrics.dice(prediction == c, label == c) for c in range(1, num_classes)
+        }
+        if example is None:
+            example = _example_slice(np.asarray(case.load_image()), label, prediction)
+    per_class = {
+        c: float(np.mean([scores[c] for scores in per_case.values()]))
+        for c in range(1, num_classes)
+    }
+    mean = float(np.mean(list(per_class.values()))) if per_class else 0.0
+    return ValidationResult(per_case, per_class, mean, example, time.perf_counter() - started)
+
+
+def predict_case(
+    predict_fn: Callable[[Any], Any],
+    case: PreprocessedCase,
+    config: ExperimentConfig,
+    spatial_dims: int = 3,
+) -> np.ndarray:
+    """uint8 (depth, height, width) labels of one whole case by sliding-window inference."""
+    evaluation = config.evaluation
+    window = tuple(config.window)
+    batch_size = evaluation.batch_size
+    if spatial_dims == 2:
+        # A 2D window is one slice: batch as many slices as a 3D window holds.
+        batch_size *= window[0]
+        window = (1, window[1], window[2])
+    probabilities = sliding_window_inference(
+        np.asarray(case.load_image()),
+        predict_fn,
+        window,
+        num_classes=config.data.num_classes,
+        overlap=evaluation.overlap,
+        weighting=evaluation.weighting,
+        sigma_scale=evaluation.sigma_scale,
+        batch_size=batch_size,
+        accumulate_on_cpu=evaluation.accumulate_on_cpu,
+        spatial_dims=2 if spatial_dims == 2 else 3,
+    )
+    return probabilities_to_labels(probabilities)
+
+
+def _example_slice(
+    image: np.ndarray, label: np.ndarray, prediction: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    depth = int(np.argmax((label > 0).sum(axis=(1, 2))))
+    return image[depth, ..., 0], label[depth], prediction[depth]
