@@ -75,6 +75,7 @@ class DataConfig:
     """Where the volumes are and how patches are drawn from them."""
 
     root: str = "data/synthetic"  # dataset directory (relative paths resolve from the cwd)
+    root_alternatives: tuple[str, ...] = ()  # tried in order when root does not exist
     format: Literal["auto", "msd", "folders", "list"] = "auto"  # auto: dataset.json, else folders
     cases: tuple[CaseEntry, ...] = ()  # the explicit case list for format: list
     synthetic: bool = False  # generate the synthetic phantom dataset into root when missing

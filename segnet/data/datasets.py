@@ -70,6 +70,12 @@ def dataset_root(data: DataConfig) -> Path:
         DataError: the root does not exist (with a hint on how to fix it).
     """
     root = Path(data.root).expanduser().absolute()
+    for alternative in data.root_alternatives:
+        if root.exists():
+            break
+        root = Path(alternative).expanduser().absolute()
+    if data.root_alternatives and not root.exists():
+        root = Path(data.root).expanduser().absolute()  # report the primary location
     if data.synthetic and not root.exists():
         from segnet.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 
@@ -78,7 +84,10 @@ def dataset_root(data: DataConfig) -> Path:
         )
     if not root.is_dir():
         raise DataError(
-            [f"data.root: dataset folder not found: {root}"],
+            [
+                f"data.root: dataset folder not found: {root}"
+                + "".join(f" (nor {a})" for a in data.root_alternatives)
+            ],
             hint="Check the path (relative paths start from the current directory), "
             "or set data.synthetic: true to generate a phantom dataset there.",
         )
