@@ -10,7 +10,9 @@ folder unless ``--cache-dir`` is given), then measures, in one process:
 2. the training step of a small 3D U-Net (segnet's model registry) on one constant batch;
 3. the same step fed from the pipeline (default augmentation): the time spent blocked on the
    next batch, as a share of the fed step, and the fed / constant step-time ratio (which also
-   counts the CPU the loader takes from the step while it prefetches).
+   counts the CPU the loader takes from the step while it prefetches);
+4. the loader's CPU time per batch as a share of the step's CPU time, which, unlike the
+   wall-clock figures, hardly changes when other jobs share the machine.
 
 Target: waiting for data < 5% of the step on 2 CPU cores. Default patch 40x56x40 and batch 2
 are nnU-Net's 3D full-resolution settings for this dataset.
@@ -91,16 +93,22 @@ def every_transform(config: ExperimentConfig) -> ExperimentConfig:
     return with_augmentation(config, **{name: 1.0 for name in names})
 
 
-def patches_per_second(
+def time_loader(
     config: ExperimentConfig, cases: list[PreprocessedCase], batches: int
-) -> float:
+) -> tuple[float, float]:
+    """(patches per second, CPU seconds per patch) of the pipeline alone.
+
+    CPU time barely depends on what else runs on the machine, so it gives the loader's cost
+    even when wall-clock figures are noisy.
+    """
     iterator = iter(build_dataset(config, cases))
     for _ in range(5):  # warm-up: tracing, opening the first memmaps, AUTOTUNE
         next(iterator)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(iterator)
-    return batches * config.train.batch_size / (time.perf_counter() - start)
+    patches = batches * config.train.batch_size
+    return patches / (time.perf_counter() - start), (time.process_time() - cpu_start) / patches
 
 
 def make_train_step(config: ExperimentConfig) -> Step:
@@ -121,12 +129,14 @@ def make_train_step(config: ExperimentConfig) -> Step:
     return step
 
 
-def time_constant_batch(step: Step, batch: tuple[tf.Tensor, tf.Tensor], steps: int) -> float:
-    """Seconds per step with the data already in memory."""
-    start = time.perf_counter()
+def time_constant_batch(
+    step: Step, batch: tuple[tf.Tensor, tf.Tensor], steps: int
+) -> tuple[float, float]:
+    """(seconds, CPU seconds) per step with the data already in memory."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step(*batch).numpy()
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
 
 
 def time_fed(step: Step, iterator, steps: int) -> tuple[float, float]:
@@ -143,8 +153,8 @@ def time_fed(step: Step, iterator, steps: int) -> tuple[float, float]:
 
 def measure_steps(
     step: Step, dataset: tf.data.Dataset, steps: int, rounds: int
-) -> tuple[float, float, float]:
-    """Median (constant-batch step, fed step, wait per fed step) in seconds.
+) -> tuple[float, float, float, float]:
+    """Median (constant-batch step, its CPU time, fed step, wait per fed step) in seconds.
 
     Constant and fed blocks alternate so that load from other processes hits both alike.
     """
@@ -155,10 +165,11 @@ def measure_steps(
         step(*next(iterator)).numpy()
     timings = []
     for _ in range(rounds):
-        compute = time_constant_batch(step, constant, steps)
-        timings.append((compute, *time_fed(step, iterator, steps)))
-    compute, fed, waited = np.median(np.array(timings), axis=0)
-    return float(compute), float(fed), float(waited)
+        timings.append(
+            (*time_constant_batch(step, constant, steps), *time_fed(step, iterator, steps))
+        )
+    compute, compute_cpu, fed, waited = np.median(np.array(timings), axis=0)
+    return float(compute), float(compute_cpu), float(fed), float(waited)
 
 
 def main() -> None:
@@ -180,14 +191,19 @@ def report(config: ExperimentConfig, cases: list[PreprocessedCase], args) -> Non
         "augmentation defaults": config,
         "every transform, p=1": every_transform(config),
     }
+    loader_cpu = {}
     for name, variant in variants.items():
-        rate = patches_per_second(variant, cases, args.batches)
-        print(f"loader alone, {name:24s}: {rate:7.1f} patches/s")
+        rate, loader_cpu[name] = time_loader(variant, cases, args.batches)
+        print(
+            f"loader alone, {name:24s}: {rate:7.1f} patches/s, "
+            f"{loader_cpu[name] * 1000:6.2f} CPU ms/patch"
+        )
 
     step = make_train_step(config)
-    compute, fed, waited = measure_steps(
+    compute, compute_cpu, fed, waited = measure_steps(
         step, build_dataset(config, cases), args.steps, args.rounds
     )
+    cpu_share = loader_cpu["augmentation defaults"] * args.batch / compute_cpu
     patch = "x".join(map(str, config.data.patch_size))
     print(f"U-Net depth {args.depth}, {args.filters} filters, batch {args.batch}x{patch}:")
     print(f"  step on a constant batch : {compute * 1000:8.1f} ms (median of {args.rounds} blocks)")
@@ -196,6 +212,10 @@ def report(config: ExperimentConfig, cases: list[PreprocessedCase], args) -> Non
     verdict = "OK (< 5%)" if share < 0.05 else "LOADER-BOUND (>= 5%)"
     print(
         f"  waiting for data         : {waited * 1000:8.1f} ms = {share:.1%} of a step, {verdict}"
+    )
+    print(
+        f"  loader CPU per batch     : {cpu_share:.1%} of the step's CPU time "
+        f"({compute_cpu * 1000:.0f} CPU ms), default augmentation"
     )
 
 
