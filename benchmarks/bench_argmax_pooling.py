@@ -34,6 +34,8 @@ from segnet.models.argmax_pooling import MaxPoolingWithArgmax, MaxUnpoolingWithA
 
 SHAPE = (2, 64, 64, 64, 16)
 WARMUP = 3
+SCATTER = "(a) argmax + tf.scatter_nd, tf.function"
+FLOOR = "(b) MaxPooling3D + UpSampling3D, tf.function"
 
 
 def ours(jit_kernels: bool) -> Callable[[tf.Tensor], tf.Tensor]:
@@ -81,18 +83,40 @@ def forward_backward(
 
 def time_interleaved(
     steps: dict[str, Callable[[tf.Tensor], tf.Tensor]], x: tf.Tensor, repeats: int
-) -> dict[str, list[float]]:
-    """Milliseconds per run of each step, taking turns so other load hits every step alike."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU milliseconds per run of each step, taking turns so load hits all alike.
+
+    CPU time (all of this process's threads) is the cross-check on a shared machine: it does
+    not count the time spent waiting for a core that another job holds.
+    """
     for step in steps.values():
         for _ in range(WARMUP):
             step(x).numpy()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step(x).numpy()  # .numpy() waits for the result.
-            times[name].append(1000 * (time.perf_counter() - start))
-    return times
+            wall[name].append(1000 * (time.perf_counter() - start))
+            cpu[name].append(1000 * (time.process_time() - start_cpu))
+    return wall, cpu
+
+
+def print_table(wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> None:
+    """One row per step: medians, and ratios against (a) and (b) for wall and CPU time."""
+    wall_ms = {name: float(np.median(t)) for name, t in wall.items()}
+    cpu_ms = {name: float(np.median(t)) for name, t in cpu.items()}
+    print(
+        f"\n{'forward + backward, median of runs':50s} {'wall ms':>8s} {'(a)/this':>8s} "
+        f"{'this/(b)':>8s} {'CPU ms':>8s} {'(a)/this':>8s} {'this/(b)':>8s}"
+    )
+    for name in wall:
+        cells = []
+        for ms in (wall_ms, cpu_ms):
+            t = ms[name]
+            cells.append(f"{t:8.1f} {ms[SCATTER] / t:7.1f}x {t / ms[FLOOR]:7.2f}x")
+        print(f"{name:50s} {' '.join(cells)}")
 
 
 def cpu_model() -> str:
@@ -111,6 +135,8 @@ def main() -> None:
         f"{cpu_model()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}, "
         f"Keras {keras.__version__}; input {SHAPE} float32; median of {args.repeats} runs"
     )
+    # Other jobs on a shared machine move every number; the ratios (interleaved runs) less so.
+    print("load average before: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=SHAPE), tf.float32)
@@ -119,23 +145,16 @@ def main() -> None:
         "ours, XLA kernels (default), tf.function": (ours(True), False),
         "ours, plain TF ops, tf.function": (ours(False), False),
         "ours, whole step jit_compile=True": (ours(True), True),
-        "(a) argmax + tf.scatter_nd, tf.function": (scatter_nd_unpool, False),
-        "(b) MaxPooling3D + UpSampling3D, tf.function": (pool_upsample, False),
+        SCATTER: (scatter_nd_unpool, False),
+        FLOOR: (pool_upsample, False),
         "(b) MaxPooling3D + UpSampling3D, jit_compile=True": (pool_upsample, True),
     }
     steps = {name: forward_backward(fn, upstream, jit) for name, (fn, jit) in cases.items()}
-    times = time_interleaved(steps, x, args.repeats)
-    ms = {name: float(np.median(t)) for name, t in times.items()}
-    scatter = ms["(a) argmax + tf.scatter_nd, tf.function"]
-    floor = ms["(b) MaxPooling3D + UpSampling3D, tf.function"]
-    print(
-        f"\n{'forward + backward':50s} {'median ms':>9s} {'min ms':>7s} {'(a)/this':>9s} {'this/(b)':>9s}"
-    )
-    for name, t in ms.items():
-        print(f"{name:50s} {t:9.1f} {min(times[name]):7.1f} {scatter / t:8.1f}x {t / floor:8.2f}x")
+    print_table(*time_interleaved(steps, x, args.repeats))
+    print("load average after: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
     print(
         "\n(a)/this: speed-up over the scatter_nd unpooling (target >= 5); this/(b): time "
-        "relative to MaxPooling3D + UpSampling3D (target <= 1). Ratios use the medians."
+        "relative to MaxPooling3D + UpSampling3D (target <= 1)."
     )
 
 

@@ -11,9 +11,10 @@ also exact only up to 2**24. This module avoids all three:
   intermediate is ever infinite (a one-hot ``0 * -inf`` is nan). Pooled sizes are
   ``ceil(n / pool)`` like ``padding="same"``; values equal ``MaxPooling*D(padding="same")``
   whenever that pads only at the end (pool size 2, or sizes that are multiples of the pool).
-* The argmax is a small int32 *window-local* index: the position inside the pool window in
-  row-major order over the window axes (0 to ``prod(pool_size) - 1``). It never depends on
-  the volume's size, so nothing overflows or rounds.
+* The argmax is a uint8 *window-local* index: the position inside the pool window in
+  row-major order over the window axes (0 to ``prod(pool_size) - 1``, so windows hold at most
+  256 positions). It never depends on the volume's size, so nothing overflows or rounds, and
+  it costs a quarter of a float32 feature map to keep for the decoder.
 * Unpooling writes each value at its window-local position, reshapes back to the padded grid
   and crops to the pre-pool shape taken from a reference tensor.
 * Ties go to the first maximum in row-major window order, like ``tf.nn.max_pool_with_argmax``;
@@ -51,14 +52,16 @@ __all__ = [
     "normalize_pool_size",
 ]
 
-ARGMAX_DTYPE = "int32"
+ARGMAX_DTYPE = "uint8"
+MAX_WINDOW = 256  # Positions a uint8 window-local index can name.
 
 
 def normalize_pool_size(pool_size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
     """Returns the pool size as one positive int per spatial axis.
 
     Raises:
-        ValueError: the size is not positive, or a tuple has the wrong length.
+        ValueError: the size is not positive, a tuple has the wrong length, or the window has
+            more than ``MAX_WINDOW`` positions.
     """
     if spatial_dims not in (2, 3):
         raise ValueError(
@@ -69,6 +72,11 @@ def normalize_pool_size(pool_size: int | Sequence[int], spatial_dims: int) -> tu
     if len(sizes) != spatial_dims or not all(isinstance(p, int) and p >= 1 for p in sizes):
         raise ValueError(
             f"pool_size must be a positive int or {spatial_dims} positive ints, got {pool_size!r}"
+        )
+    if math.prod(sizes) > MAX_WINDOW:
+        raise ValueError(
+            f"pool_size {sizes} has {math.prod(sizes)} positions per window; the uint8 argmax "
+            f"names at most {MAX_WINDOW} (e.g. 6x6x6)"
         )
     return sizes
 
@@ -176,7 +184,7 @@ def max_pool_with_argmax(
 
     Returns:
         ``(pooled, argmax)``, both ``(batch, *ceil(spatial / pool_size), channels)``; ``argmax``
-        is int32, the row-major position of the maximum inside its window (first on ties).
+        is uint8, the row-major position of the maximum inside its window (first on ties).
     """
     pool_size = normalize_pool_size(pool_size, len(x.shape) - 2)
     pool = _kernel(_pool_kernel, jit_compile)
@@ -287,7 +295,7 @@ class MaxPoolingWithArgmax(_WindowLayer):
 
     Call: ``pooled, argmax = layer(x)`` with ``x`` of shape ``(batch, *spatial, channels)``,
     2 or 3 spatial axes of any size. Both outputs are ``(batch, *ceil(spatial / pool_size),
-    channels)``; ``argmax`` is int32 window-local (see ``max_pool_with_argmax``).
+    channels)``; ``argmax`` is uint8 window-local (see ``max_pool_with_argmax``).
 
     Args:
         pool_size: window size and stride, an int or one int per spatial axis.

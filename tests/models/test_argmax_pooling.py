@@ -128,7 +128,9 @@ def test_indices_are_window_local_integers():
     # A float32 flat index is exact only to 2**24; a window-local int never grows with the volume.
     x = _random((1, 9, 8, 7, 2))
     _, argmax = max_pool_with_argmax(x, (2, 3, 2))
-    assert argmax.dtype.is_integer
+    assert argmax.dtype == tf.uint8
+    _, symbolic = MaxPoolingWithArgmax((2, 3, 2))(keras.Input((9, 8, 7, 2)))
+    assert symbolic.dtype == "uint8" and symbolic.shape == (None, 5, 3, 4, 2)
     assert argmax.shape == (1, 5, 3, 4, 2)
     assert int(tf.reduce_min(argmax)) >= 0 and int(tf.reduce_max(argmax)) < 2 * 3 * 2
 
@@ -174,7 +176,7 @@ def test_3d_gradients_equal_max_pool3d_gradients():
 
 def test_unpool_gradient_gathers_upstream_at_argmax():
     values = _random((1, 2, 2, 2, 1))
-    argmax = tf.constant([7, 0, 3, 5, 1, 6, 2, 4], tf.int32, shape=(1, 2, 2, 2, 1))
+    argmax = tf.constant([7, 0, 3, 5, 1, 6, 2, 4], tf.uint8, shape=(1, 2, 2, 2, 1))
     upstream = tf.reshape(tf.range(64, dtype=tf.float32), (1, 4, 4, 4, 1))
     with tf.GradientTape() as tape:
         tape.watch(values)
@@ -320,6 +322,8 @@ def test_bad_arguments_say_what_was_expected():
         max_pool_with_argmax(tf.zeros((1, 4, 2)))
     with pytest.raises(ValueError, match="3 positive ints"):
         max_pool_with_argmax(tf.zeros((1, 4, 4, 4, 2)), (2, 2))
+    with pytest.raises(ValueError, match="at most 256"):
+        max_pool_with_argmax(tf.zeros((1, 7, 7, 7, 1)), 7)
     with pytest.raises(ValueError, match=r"\[values, argmax, reference\]"):
         MaxUnpoolingWithArgmax()([tf.zeros((1, 2, 2, 1))])
 
