@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +108,15 @@ def _writable_dir(path: Path) -> Path:
             f"cache folder {path} is not writable; set data.cache_dir to a writable folder"
         )
     return path
+
+
+def _remove_abandoned(root: Path, min_age_s: float = 3600.0) -> None:
+    """Deletes temporary case folders of runs that were killed (an hour old: not in progress)."""
+    now = time.time()
+    for tmp in root.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > min_age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _temporary_root() -> Path:
@@ -211,6 +221,7 @@ def prepare_cases(
     """
     if config.preprocessing.use_cache:
         root = _writable_dir(Path(config.data.cache_dir) / settings_hash(config, fingerprint))
+        _remove_abandoned(root)
     else:
         root = _temporary_root()
     bar = tqdm(total=len(case_files), desc="Preprocessing", unit="case", disable=None, leave=False)

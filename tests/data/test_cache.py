@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,18 @@ def test_a_changed_file_recomputes_that_case_only(tiny_data_config, monkeypatch)
     _, second = _prepare(tiny_data_config)
     assert calls == [cases[2].case_id]
     assert second[2].image_path != first[2].image_path and second[0] == first[0]
+
+
+def test_abandoned_temporary_folders_are_removed(tiny_data_config) -> None:
+    _, first = _prepare(tiny_data_config)
+    root = first[0].image_path.parent.parent
+    old, recent = root / ".tmp-case_000-killed", root / ".tmp-case_001-running"
+    for tmp in (old, recent):
+        tmp.mkdir()
+        (tmp / "image.npy").write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    _prepare(tiny_data_config)
+    assert not old.exists() and recent.exists()
 
 
 def test_fingerprint_change_invalidates_only_when_it_matters(tiny_data_config) -> None:
