@@ -1,0 +1,357 @@
+"""Segmenting scans with a trained run: NIfTI in, label maps out on each scan's own grid.
+
+Per case, :class:`Predictor` runs exactly what training ran, then undoes it:
+
+1. the training preprocessing (``config.preprocessing`` with the run's dataset fingerprint):
+   crop to the non-zero box, normalise, resample;
+2. sliding-window softmax with ``config.evaluation`` (window, overlap, Gaussian weighting,
+   batch size, test-time mirroring);
+3. the inverse of step 1: probabilities resampled back linearly and pasted into the uncropped
+   grid (background outside the crop); then the argmax, and with
+   ``evaluation.keep_largest_component`` only the largest connected component of each class.
+
+Inputs (``--input``) are files or folders of ``.nii``/``.nii.gz`` files. Files are grouped into
+cases by the nnU-Net channel suffix: ``case_0000.nii.gz`` and ``case_0001.nii.gz`` are the two
+channels of case ``case``; a name without the ``_NNNN`` suffix, such as ``case.nii.gz``, is a
+whole case (3D for one channel, or 4D channels-last).
+
+Outputs, in ``--output``, each written atomically:
+
+* ``<case>.nii.gz``: uint8 labels with the shape, affine and header (qform/sform and their
+  codes) of the case's first channel file, so they overlay the input scan exactly;
+* ``<case>_probabilities.nii.gz`` with ``evaluation.save_probabilities``: float32, 4D
+  (i, j, k, class) on the same grid: the softmax of class ``c`` in volume ``c`` of the last
+  axis, before post-processing.
+
+A case that cannot be read or is malformed is reported in one line naming its file and the
+reason, and skipped; the others are still written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from segnet.config import ExperimentConfig
+from segnet.data.datasets import CaseFiles
+from segnet.data.preprocessing import DatasetFingerprint, preprocess, restore_to_original
+from segnet.data.volumes import Geometry, read_channels, write_volume
+from segnet.errors import DataError, UserError
+from segnet.inference import loading
+from segnet.inference.postprocessing import keep_largest_component
+from segnet.inference.sliding_window import probabilities_to_labels, sliding_window_inference
+from segnet.training.progress import is_interactive
+from segnet.training.trainer import model_spatial_dims
+from segnet.training.validation import make_predict_fn
+
+log = logging.getLogger("segnet")
+_NIFTI = re.compile(r"^(?P<stem>[^.].*?)\.nii(\.gz)?$")  # hidden files are temporaries
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
+
+
+class InferenceOutOfMemory(UserError):
+    """A sliding-window batch did not fit in memory."""
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """A prediction on the original scan's grid.
+
+    Attributes:
+        labels: uint8 (depth, height, width), after post-processing.
+        probabilities: float32 (depth, height, width, num_classes) softmax before
+            post-processing, or None when not asked for.
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A trained model with everything needed to segment a scan on its own grid.
+
+    Attributes:
+        config: the run's experiment (``preprocessing``, ``evaluation``, ``data`` are read).
+        fingerprint: the training set's fingerprint, when preprocessing needs it.
+        predict_fn: ``logits = predict_fn(batch)``, (batch, *window, channels) ->
+            (batch, *window, num_classes); (batch, height, width, ...) for 2D models. Keep one
+            per model: sliding-window inference caches its compiled graph per function.
+        spatial_dims: 2 for a model that predicts axial slices, else 3.
+    """
+
+    config: ExperimentConfig
+    fingerprint: DatasetFingerprint | None
+    predict_fn: Callable[[Any], Any]
+    spatial_dims: int = 3
+
+    def segment(
+        self, image: np.ndarray, geometry: Geometry, keep_probabilities: bool = False
+    ) -> Segmentation:
+        """Labels (and optionally probabilities) for a scan, on the scan's own grid.
+
+        Args:
+            image: (depth, height, width, channels) raw intensities on ``geometry``'s grid.
+            geometry: the scan's geometry, from ``read_channels``.
+            keep_probabilities: also return the restored probabilities.
+
+        Returns:
+            The segmentation, spatial shape ``geometry.shape``.
+        """
+        probabilities = self.probabilities(image, geometry)
+        labels = probabilities_to_labels(probabilities)
+        if self.config.evaluation.keep_largest_component:
+            labels = keep_largest_component(labels)
+        return Segmentation(labels, probabilities if keep_probabilities else None)
+
+    def probabilities(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """float32 (depth, height, width, num_classes) softmax on ``geometry``'s grid."""
+        pre = self.config.preprocessing
+        prepared, _, info = preprocess(image, geometry, None, pre, self.fingerprint)
+        probabilities = self._sliding_window(prepared)
+        return restore_to_original(probabilities, info, order=1)
+
+    def _sliding_window(self, image: np.ndarray) -> np.ndarray:
+        evaluation = self.config.evaluation
+        window = tuple(self.config.window)
+        batch_size = evaluation.batch_size
+        if self.spatial_dims == 2:
+            # A 2D window is one slice: batch as many slices as a 3D window holds.
+            batch_size *= window[0]
+            window = (1, window[1], window[2])
+        try:
+            return sliding_window_inference(
+                image,
+                self.predict_fn,
+                window,
+                num_classes=self.config.data.num_classes,
+                overlap=evaluation.overlap,
+                weighting=evaluation.weighting,
+                sigma_scale=evaluation.sigma_scale,
+                batch_size=batch_size,
+                mirror_axes=evaluation.mirror_axes,
+                accumulate_on_cpu=evaluation.accumulate_on_cpu,
+                spatial_dims=self.spatial_dims,  # type: ignore[arg-type]
+            )
+        except tf.errors.ResourceExhaustedError:
+            raise InferenceOutOfMemory(
+                f"out of memory predicting a {'x'.join(map(str, image.shape[:3]))} volume; lower "
+                f"evaluation.batch_size ({evaluation.batch_size}) or set "
+                "evaluation.accumulate_on_cpu=true (--set key=value)"
+            ) from None
+
+
+def load_predictor(
+    run_dir: Path, config: ExperimentConfig, ref: loading.CheckpointRef
+) -> Predictor:
+    """The predictor of one checkpoint of a run."""
+    fingerprint = loading.load_fingerprint(run_dir, config)
+    model = loading.load_model(config, ref)
+    return Predictor(config, fingerprint, make_predict_fn(model), model_spatial_dims(config))
+
+
+def read_case(case: CaseFiles, num_channels: int) -> tuple[np.ndarray, Geometry]:
+    """A case's channels as float32 (depth, height, width, channels), checked for use.
+
+    Raises:
+        DataError: a file is unreadable, the channel count is wrong, or voxels are not finite.
+    """
+    image, geometry = read_channels(case.images)
+    names = ", ".join(p.name for p in case.images)
+    if image.shape[-1] != num_channels:
+        raise DataError(
+            [
+                f"{names}: {image.shape[-1]} image channels, but the model takes "
+                f"{num_channels} (data.num_channels)"
+            ]
+        )
+    bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+    if bad:
+        raise DataError([f"{names}: {bad} voxels are NaN or infinite"])
+    return image, geometry
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and outputs
+# ---------------------------------------------------------------------------------------------
+def collect_cases(inputs: Sequence[Path], num_channels: int) -> tuple[list[CaseFiles], list[str]]:
+    """Groups input files and folders into cases (rules in the module docstring).
+
+    Args:
+        inputs: files, or folders whose ``.nii``/``.nii.gz`` files are all taken.
+        num_channels: the channels the model takes; suffixed cases need ``_0000`` to
+            ``_{num_channels - 1:04d}``.
+
+    Returns:
+        ``(cases sorted by id, problems)``: one line per input that cannot form a case.
+    """
+    problems: list[str] = []
+    groups: dict[str, dict[int | None, Path]] = {}
+    for path in _expand(inputs, problems):
+        stem = _NIFTI.match(path.name).group("stem")  # type: ignore[union-attr]
+        match = _CHANNEL.match(stem)
+        case_id, channel = (match["case"], int(match["channel"])) if match else (stem, None)
+        files = groups.setdefault(case_id, {})
+        if channel in files or (files and (channel is None) != (None in files)):
+            other = next(iter(files.values()))
+            problems.append(f"{path}: case '{case_id}' is also given by {other}; rename one")
+            continue
+        files[channel] = path
+    cases = []
+    for case_id, files in sorted(groups.items()):
+        problem = _channel_problem(case_id, files, num_channels)
+        if problem:
+            problems.append(problem)
+        else:
+            images = tuple(files[c] for c in sorted(files, key=lambda c: c or 0))
+            cases.append(CaseFiles(case_id, images, None))
+    return cases, problems
+
+
+def _expand(inputs: Sequence[Path], problems: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for path in map(Path, inputs):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and _NIFTI.match(p.name))
+            if not found:
+                problems.append(f"{path}: no .nii or .nii.gz files in this folder")
+            files += found
+        elif not path.exists():
+            problems.append(f"{path}: not found")
+        elif not _NIFTI.match(path.name):
+            problems.append(f"{path}: not a .nii or .nii.gz file")
+        else:
+            files.append(path)
+    return list(dict.fromkeys(files))  # the same file given twice is one input
+
+
+def _channel_problem(case_id: str, files: dict[int | None, Path], num_channels: int) -> str | None:
+    if None in files:
+        return None  # a whole case in one file: its channel count is checked when read
+    expected = set(range(num_channels))
+    if set(files) == expected:
+        return None
+    missing = [f"{case_id}_{c:04d}" for c in sorted(expected - set(files))]
+    extra = [files[c].name for c in sorted(set(files) - expected)]  # type: ignore[type-var]
+    found = "; ".join(
+        f"{what} {names}" for what, names in (("missing", missing), ("unexpected", extra)) if names
+    )
+    return (
+        f"{next(iter(files.values())).parent}: case '{case_id}' needs channel files _0000 to "
+        f"_{num_channels - 1:04d} (data.num_channels={num_channels}); {found}"
+    )
+
+
+def prepare_output_dir(output_dir: Path) -> Path:
+    """Creates ``output_dir`` and checks it can be written, before any work is done.
+
+    Raises:
+        UserError: it is a file, cannot be created, or is not writable.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output {output_dir}: is a file, not a folder; choose another path")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"--output {output_dir}: cannot create the folder ({exc.strerror}); fix the "
+            "permissions or choose another path"
+        ) from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise UserError(
+            f"--output {output_dir}: not writable; fix the permissions or choose another folder"
+        )
+    return output_dir
+
+
+def write_segmentation(
+    output_dir: Path, case_id: str, segmentation: Segmentation, geometry: Geometry
+) -> Path:
+    """Writes ``<case>.nii.gz`` (and the probabilities when present); returns the label path."""
+    path = write_volume(output_dir / f"{case_id}.nii.gz", segmentation.labels, geometry, np.uint8)
+    if segmentation.probabilities is not None:
+        write_volume(
+            output_dir / f"{case_id}{PROBABILITIES_SUFFIX}",
+            segmentation.probabilities,
+            geometry,
+            np.float32,
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+def predict_files(
+    run_dir: Path,
+    inputs: list[Path],
+    output_dir: Path,
+    checkpoint: str = "best",
+    overrides: list[str] = (),  # type: ignore[assignment]
+    quiet: bool = False,
+) -> list[str]:
+    """Segments every case of ``inputs`` with a run's checkpoint into ``output_dir``.
+
+    Args:
+        run_dir: the run directory (``config.yaml``, ``fingerprint.json``, ``checkpoints/``).
+        inputs: files and folders (grouping in the module docstring).
+        output_dir: created if missing; must be writable.
+        checkpoint: ``best``, ``latest`` or a path (see ``segnet.inference.loading``).
+        overrides: ``key=value`` changes to ``evaluation.*`` (and ``runtime.*``) settings.
+        quiet: no progress bar.
+
+    Returns:
+        One line per input that could not be segmented (file and reason); empty on success.
+
+    Raises:
+        UserError: the run, checkpoint, overrides or output folder are unusable (before any
+            case is read), or no input file was found at all.
+    """
+    config = loading.load_run_config(run_dir, overrides)
+    output_dir = prepare_output_dir(output_dir)
+    ref = loading.resolve_checkpoints(run_dir, checkpoint)[0]
+    cases, failures = collect_cases(inputs, config.data.num_channels)
+    if not cases and not failures:
+        raise UserError(f"--input {' '.join(map(str, inputs))}: no .nii or .nii.gz files found")
+    predictor = load_predictor(run_dir, config, ref) if cases else None
+    keep_probabilities = config.evaluation.save_probabilities
+    written = 0
+    for case in tqdm(cases, desc="Predicting", unit="case", disable=not is_interactive(quiet)):
+        try:
+            _predict_one(predictor, case, output_dir, keep_probabilities)  # type: ignore[arg-type]
+            written += 1
+        except DataError as exc:
+            failures += [f"skipped case '{case.case_id}': {p}" for p in exc.problems]
+    for line in failures:
+        log.error("%s", line)
+    log.info(
+        "wrote %d of %d cases to %s (checkpoint %s)", written, len(cases), output_dir, ref.path
+    )
+    return failures
+
+
+def _predict_one(
+    predictor: Predictor, case: CaseFiles, output_dir: Path, keep_probabilities: bool
+) -> None:
+    destination = (output_dir / f"{case.case_id}.nii.gz").resolve()
+    if destination in {p.resolve() for p in case.images}:
+        raise DataError(
+            [
+                f"{destination}: writing the prediction would replace the input scan; "
+                "choose another --output folder"
+            ]
+        )
+    image, geometry = read_case(case, predictor.config.data.num_channels)
+    segmentation = predictor.segment(image, geometry, keep_probabilities)
+    write_segmentation(output_dir, case.case_id, segmentation, geometry)

@@ -1,0 +1,242 @@
+"""Evaluation end to end on a run trained by the real trainer (two steps: plumbing, not skill).
+
+The dataset encodes each label in the image (channel 0 is ``label + 1`` inside the body and 0
+outside), so an oracle model, the one-hot of ``round(channel 0) - 1``, is perfect. Swapped in
+for the trained weights it must score Dice 1 and HD95 0 mm on every class: any error in the
+preprocessing inverse, the grid the prediction is written on, or the metric plumbing would cost
+voxels there.
+"""
+
+from __future__ import annotations
+
+import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
+
+# isort: split
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+from segnet.cli import evaluate_main
+from segnet.config import ExperimentConfig, build_config
+from segnet.data.volumes import make_geometry, write_volume
+from segnet.errors import ConfigError, DataError, RunDirError
+from segnet.evaluation import montage
+from segnet.evaluation.evaluate import evaluate_run
+from segnet.inference import loading
+from segnet.training.trainer import train
+
+NUM_CLASSES = 3
+SHAPES = [(17, 18, 19), (19, 16, 21), (15, 20, 17), (18, 19, 16), (21, 17, 18), (16, 21, 20)]
+HELD_OUT = ["case_4", "case_5"]
+
+
+def case_volumes(index: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(image (D, H, W, 2), label): a sphere of class 1 holding a smaller one of class 2."""
+    grid = np.stack(np.meshgrid(*(np.arange(s) for s in shape), indexing="ij"), axis=-1)
+    centre = np.array(shape) / 2.0 + (index % 3 - 1)
+    radius = np.linalg.norm(grid - centre, axis=-1)
+    label = np.where(radius < 2.5, 2, np.where(radius < 5.0, 1, 0)).astype(np.uint8)
+    body = np.zeros(shape, bool)
+    body[1:-1, 2:-1, 1:-2] = True
+    assert body[label > 0].all(), "the oracle can only see labels inside the body"
+    channel0 = np.where(body, label + 1.0, 0.0)
+    noise = np.random.default_rng(index).normal(50.0, 5.0, shape) * body
+    return np.stack([channel0, noise], axis=-1).astype(np.float32), label
+
+
+def write_dataset(root: Path) -> Path:
+    """nnU-Net folders (imagesTr/<case>_000c, labelsTr/<case>) on oblique LPS grids."""
+    for index, shape in enumerate(SHAPES):
+        angle = np.deg2rad(10.0 * index)
+        affine = np.eye(4)
+        affine[:3, :3] = np.array(
+            [[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]]
+        ) @ np.diag([-0.9, -1.3, 2.2])
+        geometry = make_geometry(affine, shape, np.float32, qform_code=1, sform_code=2)
+        image, label = case_volumes(index, shape)
+        for channel in range(2):
+            write_volume(
+                root / "imagesTr" / f"case_{index}_{channel:04d}.nii.gz",
+                image[..., channel],
+                geometry,
+            )
+        # Float label files with integer values, as some public datasets ship them.
+        write_volume(root / "labelsTr" / f"case_{index}.nii.gz", label.astype(np.float32), geometry)
+    return root
+
+
+def experiment(root: Path, cache: Path, **split: object) -> ExperimentConfig:
+    return build_config(
+        {
+            "name": "oracle",
+            "data": {
+                "root": str(root),
+                "num_classes": NUM_CLASSES,
+                "num_channels": 2,
+                "patch_size": [8, 8, 8],
+                "cache_dir": str(cache),
+                "split": split or {"val": HELD_OUT},
+            },
+            "preprocessing": {"normalization": "none"},
+            "model": {"segnet": {"depth": 1, "filters": 2, "convs_per_level": 1}},
+            "train": {"epochs": 2, "steps_per_epoch": 1, "batch_size": 1},
+            "augmentation": {"enabled": False},
+            "evaluation": {"overlap": 0.25},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("dataset"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run trained for 2 epochs of 1 step: checkpoints ckpt-1, ckpt-2 and best."""
+    root = tmp_path_factory.mktemp("runs")
+    train(experiment(dataset, root / "cache"), run_dir=root / "run", quiet=True)
+    return root / "run"
+
+
+@pytest.fixture
+def run(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run, so each test's evaluation folder starts empty."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+def oracle_model(config: ExperimentConfig, ref: loading.CheckpointRef) -> keras.Model:
+    def logits(batch: tf.Tensor) -> tf.Tensor:
+        labels = tf.clip_by_value(tf.round(batch[..., 0]) - 1.0, 0.0, NUM_CLASSES - 1.0)
+        return 20.0 * tf.one_hot(tf.cast(labels, tf.int32), NUM_CLASSES)
+
+    image = keras.Input((None, None, None, config.data.num_channels))
+    return keras.Model(image, keras.layers.Lambda(logits)(image))
+
+
+@pytest.fixture
+def oracle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loading, "load_model", oracle_model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness
+# ---------------------------------------------------------------------------------------------
+def test_oracle_scores_dice_1_and_hd95_0_for_every_class(run: Path, dataset: Path, oracle):
+    results = evaluate_run(run, "best", quiet=True)
+    document = results["best"]
+    assert document["num_cases"] == len(HELD_OUT)
+    for label in ("1", "2"):
+        stats = document["summary"]["per_class"][label]
+        assert stats["dice"]["min"] == 1.0 and stats["iou"]["min"] == 1.0
+        assert stats["hd95_mm"]["max"] == 0.0 and stats["assd_mm"]["max"] == 0.0
+        assert stats["nsd"]["min"] == 1.0 and stats["volume_diff_mm3"]["max"] == 0.0
+    out = run / "evaluation" / "best"
+    for case_id in HELD_OUT:
+        reference = nib.load(str(dataset / "labelsTr" / f"{case_id}.nii.gz"))
+        predicted = nib.load(str(out / "predictions" / f"{case_id}.nii.gz"))
+        np.testing.assert_array_equal(predicted.affine, reference.affine)
+        assert int(predicted.header["sform_code"]) == 2 and int(predicted.header["qform_code"]) == 1
+        np.testing.assert_array_equal(np.asarray(predicted.dataobj), np.asarray(reference.dataobj))
+
+
+def test_metrics_files_hold_config_checkpoint_cases_and_policy(run: Path, oracle):
+    evaluate_run(run, "latest", overrides=["evaluation.nsd_tolerance_mm=2.5"], quiet=True)
+    out = run / "evaluation" / "latest"
+    document = json.loads((out / "metrics.json").read_text())
+    assert document["checkpoint"].endswith("checkpoints/ckpt-2")
+    assert document["config"]["evaluation"]["nsd_tolerance_mm"] == 2.5
+    assert sorted(document["per_case"]) == HELD_OUT
+    assert set(document["summary"]["per_class"]["1"]["dice"]) >= {"mean", "median", "std"}
+    assert "Both masks empty" in document["edge_case_policy"]
+    with (out / "per_case.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["case"], r["class"]) for r in rows] == [(c, k) for c in HELD_OUT for k in ("1", "2")]
+    assert all(float(r["dice"]) == 1.0 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, data sources, montages
+# ---------------------------------------------------------------------------------------------
+def test_checkpoint_all_ranks_every_checkpoint(run: Path, capsys: pytest.CaptureFixture):
+    assert evaluate_main(["--run", str(run), "--checkpoint", "all", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    ranking = (run / "evaluation" / "ranking.txt").read_text()
+    assert "checkpoints ranked by mean foreground Dice" in printed and ranking in printed + "\n"
+    ranked = [line.split()[1] for line in ranking.splitlines()[2:]]
+    assert sorted(ranked) == ["best", "ckpt-1", "ckpt-2"]
+    dice = [float(line.split()[2]) for line in ranking.splitlines()[2:]]
+    assert dice == sorted(dice, reverse=True)
+    for name in ranked:
+        assert (run / "evaluation" / name / "metrics.json").is_file()
+    assert "Dice" in printed and "HD95 mm" in printed and "median" in printed
+
+
+def test_montage_per_case_decodes_to_the_layout_size(run: Path, oracle):
+    evaluate_run(run, "best", quiet=True)
+    for case_id in HELD_OUT:
+        shape = SHAPES[int(case_id.split("_")[1])]
+        png = run / "evaluation" / "best" / "montages" / f"{case_id}.png"
+        decoded = tf.io.decode_png(png.read_bytes())
+        zoom = montage.zoom_factor(shape[1], shape[2])
+        assert tuple(decoded.shape) == (3 * zoom * shape[1], 3 * zoom * shape[2], 3)
+
+
+def test_data_folder_evaluates_every_labelled_case(run: Path, dataset: Path, oracle):
+    document = evaluate_run(run, "best", data=str(dataset), quiet=True)["best"]
+    assert document["num_cases"] == len(SHAPES)
+    assert document["summary"]["foreground_mean"]["dice"] == 1.0
+
+
+def test_data_yaml_uses_its_held_out_split(run: Path, dataset: Path, tmp_path: Path, oracle):
+    config = tmp_path / "other.yaml"
+    data = {
+        "root": str(dataset),
+        "num_classes": NUM_CLASSES,
+        "num_channels": 2,
+        "split": {"val": ["case_0"]},
+    }
+    config.write_text(yaml.safe_dump({"data": data}))
+    document = evaluate_run(run, "best", data=str(config), quiet=True)["best"]
+    assert list(document["per_case"]) == ["case_0"]
+    config.write_text(yaml.safe_dump({"data": {**data, "num_classes": 5}}))
+    with pytest.raises(ConfigError, match="num_classes is 5 but the model was trained with 3"):
+        evaluate_run(run, "best", data=str(config), quiet=True)
+
+
+def test_unusable_held_out_case_is_named_or_skipped(
+    run: Path, dataset: Path, tmp_path: Path, oracle
+):
+    broken = Path(shutil.copytree(dataset, tmp_path / "broken"))
+    label = broken / "labelsTr" / "case_3.nii.gz"
+    geometry = make_geometry(nib.load(str(label)).affine, SHAPES[3])
+    write_volume(label, np.full(SHAPES[3], 7, np.uint8), geometry)  # label 7 of 3 classes
+    with pytest.raises(DataError, match=r"case_3.nii.gz: label values \[7\] outside 0..2"):
+        evaluate_run(run, "best", data=str(broken), quiet=True)
+    skipped = evaluate_run(
+        run, "best", data=str(broken), quiet=True, overrides=["data.skip_bad_cases=true"]
+    )["best"]
+    assert "case_3" not in skipped["per_case"] and skipped["num_cases"] == len(SHAPES) - 1
+
+
+@pytest.mark.parametrize(
+    ("remove", "checkpoint", "message"),
+    [
+        ("checkpoints/best", "best", "no best checkpoint .* use --checkpoint latest"),
+        ("checkpoints", "latest", "no checkpoint in .*checkpoints: train first with"),
+        ("config.yaml", "best", "not a segnet run directory"),
+    ],
+)
+def test_missing_pieces_of_a_run_are_named(run: Path, remove: str, checkpoint: str, message: str):
+    target = run / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(RunDirError, match=message):
+        evaluate_run(run, checkpoint, quiet=True)

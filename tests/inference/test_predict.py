@@ -1,0 +1,335 @@
+"""Prediction: outputs land on the input's exact grid, bad inputs are skipped and reported.
+
+Most tests use an oracle instead of a trained model: the phantom's image holds ``label + 1``
+inside a body box and 0 outside it, and the oracle's logits are the one-hot of
+``round(intensity) - 1``. With ``normalization: none`` every window, mirror and blend of the
+sliding window gives back the label, so any voxel out of place is a bug in the plumbing
+(preprocessing, its inverse, writing), not a weak model.
+"""
+
+from __future__ import annotations
+
+import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
+
+# isort: split
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import ndimage
+
+from segnet.cli import predict_main
+from segnet.config import ExperimentConfig, build_config
+from segnet.data.preprocessing import DatasetFingerprint
+from segnet.data.volumes import make_geometry, read_volume, write_volume
+from segnet.errors import ConfigError, RunDirError, UserError
+from segnet.inference.predict import (
+    Predictor,
+    collect_cases,
+    predict_files,
+    write_segmentation,
+)
+from segnet.metrics import dice
+from segnet.models.registry import build_model
+from segnet.run_dir import initialise_run_dir
+from segnet.training.checkpoints import Checkpoints, TrainState, build_checkpoint
+from segnet.training.optimizers import build_optimizer
+
+NUM_CLASSES = 3
+SHAPE = (17, 18, 19)
+
+
+def oblique_lps_affine(spacing: tuple[float, float, float]) -> np.ndarray:
+    """Voxel-to-world matrix: LPS axis flips, a 20-degree rotation, anisotropic spacing."""
+    angle = np.deg2rad(20.0)
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-1.0, -1.0, 1.0]) @ np.diag(spacing)
+    affine[:3, 3] = (12.5, -30.0, 7.25)
+    return affine
+
+
+def phantom(shape: tuple[int, ...] = SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """(image (D, H, W), label): classes 1 and 2 in a body box; image = label + 1 in the body."""
+    label = np.zeros(shape, np.uint8)
+    label[4:12, 5:13, 3:11] = 1
+    label[7:10, 8:16, 9:15] = 2
+    image = np.zeros(shape, np.float32)
+    body = (slice(2, shape[0] - 2), slice(3, shape[1] - 1), slice(1, shape[2] - 3))
+    image[body] = label[body] + 1.0
+    return image, label
+
+
+def oracle(batch: tf.Tensor) -> tf.Tensor:
+    """Confident logits of the label the intensity encodes (see the module docstring)."""
+    labels = tf.clip_by_value(tf.round(batch[..., 0]) - 1.0, 0.0, NUM_CLASSES - 1.0)
+    return 20.0 * tf.one_hot(tf.cast(labels, tf.int32), NUM_CLASSES)
+
+
+def make_config(
+    preprocessing: dict | None = None, evaluation: dict | None = None, **data: object
+) -> ExperimentConfig:
+    return build_config(
+        {
+            "data": {"num_classes": NUM_CLASSES, "patch_size": [8, 8, 8], **data},
+            "model": {"segnet": {"depth": 1, "filters": 2, "convs_per_level": 1}},
+            "preprocessing": {"normalization": "none", **(preprocessing or {})},
+            "evaluation": evaluation or {},
+        }
+    )
+
+
+def write_scan(
+    path: Path, image: np.ndarray, spacing=(0.8, 1.2, 2.5), qform_code=1, sform_code=2
+) -> Path:
+    geometry = make_geometry(
+        oblique_lps_affine(spacing),
+        image.shape[:3],
+        np.float32,
+        qform_code=qform_code,
+        sform_code=sform_code,
+    )
+    return write_volume(path, image, geometry)
+
+
+def assert_same_grid(written: Path, reference: Path) -> None:
+    out, ref = nib.load(str(written)), nib.load(str(reference))
+    assert out.shape[:3] == ref.shape[:3]
+    np.testing.assert_array_equal(out.affine, ref.affine)
+    for form in ("qform", "sform"):
+        np.testing.assert_array_equal(
+            getattr(out.header, f"get_{form}")(), getattr(ref.header, f"get_{form}")()
+        )
+        assert int(out.header[f"{form}_code"]) == int(ref.header[f"{form}_code"])
+    assert out.header.get_zooms()[:3] == ref.header.get_zooms()[:3]
+
+
+# ---------------------------------------------------------------------------------------------
+# The restore is exact: the oracle's labels come back voxel for voxel on the input grid
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("preprocessing", "evaluation", "spatial_dims"),
+    [
+        ({"crop_to_nonzero": True}, {}, 3),
+        ({"crop_to_nonzero": False}, {"overlap": 0.25, "weighting": "constant"}, 3),
+        ({"crop_to_nonzero": True}, {"mirror_axes": [0, 1, 2], "batch_size": 3}, 3),
+        ({"crop_to_nonzero": True}, {"window": [1, 8, 8]}, 2),  # a 2D model, slice by slice
+    ],
+)
+def test_oracle_prediction_is_exact_on_an_oblique_lps_grid(
+    tmp_path: Path, preprocessing: dict, evaluation: dict, spatial_dims: int
+):
+    image, label = phantom()
+    scan = write_scan(tmp_path / "scan.nii.gz", image)
+    volume, geometry = read_volume(scan)
+    predictor = Predictor(make_config(preprocessing, evaluation), None, oracle, spatial_dims)
+    segmentation = predictor.segment(volume[..., None], geometry)
+    written = write_segmentation(tmp_path / "out", "scan", segmentation, geometry)
+    assert_same_grid(written, scan)
+    restored = np.asarray(nib.load(str(written)).dataobj)
+    assert restored.dtype == np.uint8
+    np.testing.assert_array_equal(restored, label)
+
+
+@pytest.mark.parametrize("target_spacing", [(1.0, 1.0, 1.0), (1.6, 0.9, 3.1), (2.0, 2.0, 2.0)])
+def test_resampled_prediction_is_restored_onto_the_original_grid(
+    tmp_path: Path, target_spacing: tuple[float, float, float]
+):
+    shape = (23, 22, 19)
+    label = np.zeros(shape, np.uint8)
+    label[6:17, 5:17, 5:14] = 1  # a box centred in the body: resampling cannot shift it
+    image = np.zeros(shape, np.float32)
+    image[2:21, 2:20, 2:17] = 1.0
+    image[label == 1] = 2.0
+    scan = write_scan(tmp_path / "scan.nii.gz", image)
+    volume, geometry = read_volume(scan)
+    config = make_config({"resample": True, "target_spacing": list(target_spacing)})
+    segmentation = Predictor(config, None, oracle).segment(volume[..., None], geometry, True)
+    written = write_segmentation(tmp_path / "out", "scan", segmentation, geometry)
+    assert_same_grid(written, scan)
+    restored = np.asarray(nib.load(str(written)).dataobj)
+    # Down to 2 mm and back costs a rim of voxels, but a grid misaligned by even half a voxel
+    # would move the centre of mass.
+    assert dice(restored == 1, label == 1) > 0.85
+    np.testing.assert_allclose(
+        ndimage.center_of_mass(restored == 1), ndimage.center_of_mass(label == 1), atol=0.1
+    )
+    probabilities = nib.load(str(tmp_path / "out" / "scan_probabilities.nii.gz"))
+    assert probabilities.shape == (*shape, NUM_CLASSES)
+    assert probabilities.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(probabilities.affine, nib.load(str(scan)).affine)
+    np.testing.assert_allclose(np.asarray(probabilities.dataobj).sum(-1), 1.0, atol=1e-5)
+
+
+def test_keep_largest_component_removes_the_stray_blob(tmp_path: Path):
+    image, label = phantom()
+    image[14, 15, 2:4] = 2.0  # a stray two-voxel island of class 1, inside the body
+    geometry = make_geometry(np.eye(4), SHAPE)
+    for keep, expected_island in ((False, 1), (True, 0)):
+        config = make_config(evaluation={"keep_largest_component": keep})
+        labels = Predictor(config, None, oracle).segment(image[..., None], geometry).labels
+        assert labels[14, 15, 2] == expected_island
+        np.testing.assert_array_equal(labels[:12], label[:12])
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: grouping by channel suffix
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("files", "channels", "cases", "problem"),
+    [
+        (
+            ["a_0000.nii.gz", "a_0001.nii.gz", "b_0001.nii.gz", "b_0000.nii.gz"],
+            2,
+            {"a": ["a_0000.nii.gz", "a_0001.nii.gz"], "b": ["b_0000.nii.gz", "b_0001.nii.gz"]},
+            None,
+        ),
+        (["plain.nii.gz", "c_0000.nii"], 1, {"plain": ["plain.nii.gz"], "c": ["c_0000.nii"]}, None),
+        (
+            ["a_0000.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz"],
+            2,
+            {"b": ["b_0000.nii.gz", "b_0001.nii.gz"]},
+            "missing ['a_0001']",
+        ),
+        (["a_0000.nii.gz", "a_0001.nii.gz"], 1, {}, "unexpected ['a_0001.nii.gz']"),
+        (["a.nii.gz", "a_0000.nii.gz"], 1, {"a": ["a.nii.gz"]}, "also given by"),
+        ([".a_0000.nii.gz.tmp", "readme.txt", "x_0000.nii.gz"], 1, {"x": ["x_0000.nii.gz"]}, None),
+    ],
+)
+def test_collect_cases_groups_channel_files(
+    tmp_path: Path, files: list[str], channels: int, cases: dict, problem: str | None
+):
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    found, problems = collect_cases([tmp_path], channels)
+    assert {c.case_id: [p.name for p in c.images] for c in found} == cases
+    assert all(c.label is None for c in found)
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problem in problems[0]
+
+
+def test_collect_cases_reports_missing_and_foreign_inputs(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "scan.mha").write_bytes(b"")
+    inputs = [tmp_path / "gone.nii.gz", tmp_path / "empty", tmp_path / "scan.mha"]
+    found, problems = collect_cases(inputs, 1)
+    assert found == []
+    assert [p.split(": ")[1] for p in problems] == [
+        "not found",
+        "no .nii or .nii.gz files in this folder",
+        "not a .nii or .nii.gz file",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command, on a run directory in the trainer's layout
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 2-channel run saved with the trainer's own checkpoint code (latest + best)."""
+    run = tmp_path_factory.mktemp("run") / "run"
+    config = make_config(num_channels=2)
+    initialise_run_dir(run, config)
+    fingerprint = DatasetFingerprint((1.0, 1.0, 1.0), SHAPE, 4)
+    (run / "fingerprint.json").write_text(json.dumps(fingerprint.to_dict()))
+    model = build_model(config)
+    optimizer = build_optimizer(config)
+    optimizer.build(model.trainable_variables)
+    checkpoint = build_checkpoint(model, optimizer, TrainState.create())
+    saver = Checkpoints(checkpoint, run / "checkpoints", run / "checkpoints", keep=2)
+    saver.save(1)
+    saver.save_best(1)
+    (run / "export").mkdir()
+    model.save(run / "export" / "model.keras")
+    return run
+
+
+def write_two_channel_case(folder: Path, case_id: str) -> Path:
+    image, _ = phantom()
+    write_scan(folder / f"{case_id}_0000.nii.gz", image)
+    return write_scan(folder / f"{case_id}_0001.nii.gz", image * 2.0)
+
+
+def test_unreadable_inputs_are_skipped_and_the_cli_exits_2(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    inputs = tmp_path / "in"
+    good = write_two_channel_case(inputs, "good")
+    write_two_channel_case(inputs, "truncated")
+    whole = (inputs / "truncated_0001.nii.gz").read_bytes()
+    (inputs / "truncated_0001.nii.gz").write_bytes(whole[: len(whole) // 2])
+    (inputs / "lonely_0000.nii.gz").write_bytes(good.read_bytes())  # its _0001 is missing
+    output = tmp_path / "out"
+    status = predict_main(
+        ["--run", str(run_dir), "--input", str(inputs), "--output", str(output), "--quiet"]
+    )
+    assert status == 2
+    assert sorted(p.name for p in output.iterdir()) == ["good.nii.gz"]
+    assert_same_grid(output / "good.nii.gz", good)
+    errors = capsys.readouterr().err  # the CLI logs one line per skipped case to stderr
+    assert "truncated_0001.nii.gz" in errors and "truncated or corrupt" in errors
+    assert "lonely" in errors and "missing ['lonely_0001']" in errors
+
+
+@pytest.mark.parametrize("checkpoint", ["best", "latest", "export/model.keras", "checkpoints"])
+def test_every_checkpoint_spec_predicts(run_dir: Path, tmp_path: Path, checkpoint: str):
+    write_two_channel_case(tmp_path / "in", "case")
+    failures = predict_files(
+        run_dir,
+        [tmp_path / "in"],
+        tmp_path / "out",
+        checkpoint,
+        overrides=["evaluation.save_probabilities=true"],
+        quiet=True,
+    )
+    assert failures == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "case.nii.gz",
+        "case_probabilities.nii.gz",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "error", "message"),
+    [
+        ("none", {"run_dir": "missing"}, RunDirError, "run directory not found"),
+        ("none", {"checkpoint": "checkpoints/ckpt-99"}, RunDirError, "no checkpoint there"),
+        ("none", {"overrides": ["model.segnet.filters=8"]}, ConfigError, "cannot change after"),
+        ("none", {"overrides": ["evaluation.overlapp=0.2"]}, ConfigError, "did you mean 'overlap'"),
+        ("none", {"overrides": ["evaluation.overlap=1.5"]}, ConfigError, "evaluation.overlap"),
+        ("file", {"output_dir": "blocker"}, UserError, "is a file, not a folder"),
+        ("file", {"output_dir": "blocker/sub"}, UserError, "cannot create the folder"),
+    ],
+)
+def test_bad_setups_fail_before_any_work_with_one_message(
+    run_dir: Path, tmp_path: Path, setup: str, args: dict, error: type, message: str
+):
+    if setup == "file":
+        (tmp_path / "blocker").write_text("")
+    kwargs = {
+        "run_dir": run_dir,
+        "output_dir": tmp_path / "out",
+        "checkpoint": "best",
+        "overrides": [],
+    }
+    kwargs.update(
+        {k: tmp_path / v if k in ("run_dir", "output_dir") else v for k, v in args.items()}
+    )
+    kwargs["inputs"] = [write_two_channel_case(tmp_path / "in", "case").parent]
+    with pytest.raises(error, match=message.replace("(", r"\(").replace("[", r"\[")):
+        predict_files(**kwargs, quiet=True)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_run_without_checkpoints_says_train_first(tmp_path: Path):
+    run = tmp_path / "run"
+    initialise_run_dir(run, make_config())
+    with pytest.raises(RunDirError, match=r"no checkpoint in .*checkpoints: train first"):
+        predict_files(run, [tmp_path], tmp_path / "out", quiet=True)
