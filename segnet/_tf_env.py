@@ -8,9 +8,13 @@ import, and records whether the user had already chosen, so the choice can be lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import sys
+import threading
+from collections.abc import Iterator
 
 ONEDNN_VAR = "TF_ENABLE_ONEDNN_OPTS"
 
@@ -37,3 +41,66 @@ def onednn_status() -> str:
 
 def log_onednn_status(logger: logging.Logger | None = None) -> None:
     (logger or logging.getLogger("segnet")).info(onednn_status())
+
+
+# TensorFlow's C++ logging starts before absl is initialised, so TF_CPP_MIN_LOG_LEVEL no longer
+# silences its start-up lines (oneDNN notice, CUDA probing on CPU-only machines). The CLI filters
+# exactly those lines out of stderr unless --debug; everything else passes through untouched.
+_NATIVE_LOG_LINE = re.compile(
+    rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    rb"|[IWE]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] )"
+)
+
+
+def _pump(source: int, sink: int) -> None:
+    """Copies ``source`` to ``sink`` dropping TensorFlow's native log lines."""
+    pending = b""
+    while True:
+        chunk = os.read(source, 65536)
+        if not chunk:
+            break
+        pending += chunk
+        out: list[bytes] = []
+        while pending:
+            end = pending.find(b"\n")
+            if end < 0:
+                # A native log line is only recognisable whole; anything else (progress bars
+                # redrawn with '\r') must not wait for a newline.
+                if pending[:1] not in (b"I", b"W", b"E"):
+                    out.append(pending)
+                    pending = b""
+                break
+            line, pending = pending[: end + 1], pending[end + 1 :]
+            if not _NATIVE_LOG_LINE.match(line):
+                out.append(line)
+        if out:
+            os.write(sink, b"".join(out))
+    if pending and not _NATIVE_LOG_LINE.match(pending):
+        os.write(sink, pending)
+    os.close(source)
+
+
+@contextlib.contextmanager
+def native_log_filter(enabled: bool = True) -> Iterator[None]:
+    """Within the block, TensorFlow's C++ start-up log lines are dropped from stderr (fd 2)."""
+    if not enabled:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        read_end, write_end = os.pipe()
+    except OSError:
+        yield
+        return
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    pump = threading.Thread(target=_pump, args=(read_end, saved), daemon=True)
+    pump.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end, so the pump sees EOF
+        pump.join(timeout=5)
+        os.close(saved)

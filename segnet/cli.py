@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from segnet._tf_env import native_log_filter
 from segnet.errors import UserError
 
 EXIT_USAGE = 2
@@ -53,6 +54,13 @@ def _run(
 ) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.quiet, args.debug)
+    with native_log_filter(enabled=not args.debug):
+        return _report_user_errors(prog, body, args)
+
+
+def _report_user_errors(
+    prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
     try:
         return body(args)
     except UserError as exc:
