@@ -268,17 +268,31 @@ def _output_dtype(array: np.ndarray, dtype: np.dtype | type | str | None) -> np.
         return np.dtype(np.float32)  # NIfTI has no half floats
     if array.dtype in (np.int64, np.uint64):
         # nibabel refuses 64-bit integers without an explicit dtype; most viewers do too.
-        info = np.iinfo(np.int32)
-        if array.size and (array.min() < info.min or array.max() > info.max):
-            raise UserError("write_volume: int64 values outside the int32 range; pass dtype=")
         return np.dtype(np.int32)
     return array.dtype
+
+
+def _exact_cast(array: np.ndarray, dtype: np.dtype, path: Path) -> np.ndarray:
+    """``array`` as ``dtype`` without loss; else nibabel would silently store scaled values."""
+    if array.dtype == dtype or not np.issubdtype(dtype, np.integer):
+        return array.astype(dtype, copy=False)
+    if array.dtype.kind == "f" and not np.array_equal(array, np.rint(array)):
+        raise UserError(
+            f"{path}: non-integer values cannot be stored exactly as {dtype}; "
+            "pass a float dtype or round the array first"
+        )
+    info = np.iinfo(dtype)
+    if array.size and (array.min() < info.min or array.max() > info.max):
+        raise UserError(
+            f"{path}: values {array.min()}..{array.max()} do not fit {dtype}; pass a wider dtype"
+        )
+    return array.astype(dtype)
 
 
 def _image_for(array: np.ndarray, geometry: Geometry, dtype: np.dtype) -> nib.Nifti1Image:
     header = geometry.header.copy()
     header.set_data_dtype(dtype)
-    header.set_slope_inter(None, None)  # nibabel picks scaling only if dtype cannot hold data
+    header.set_slope_inter(None, None)  # data already has the on-disk dtype: store it unscaled
     if dtype != geometry.dtype:
         header["cal_min"], header["cal_max"] = 0, 0  # the source's display window is stale
     # With the header's own affine, nibabel keeps its qform/sform (and their codes) untouched.
@@ -316,7 +330,8 @@ def write_volume(
             f"{path}: array shape {tuple(array.shape)} does not fit the geometry's "
             f"grid {geometry.shape}"
         )
-    image = _image_for(array, geometry, _output_dtype(array, dtype))
+    out_dtype = _output_dtype(array, dtype)
+    image = _image_for(_exact_cast(array, out_dtype, path), geometry, out_dtype)
     blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise UserError(

@@ -94,6 +94,34 @@ def test_dtypes_nifti_lacks_are_mapped(tmp_path: Path, array: np.ndarray, expect
     np.testing.assert_array_equal(values, array.astype(expected))
 
 
+@pytest.mark.parametrize(
+    ("array", "dtype"),
+    [
+        (np.full(SHAPE, 2.0), np.uint8),
+        (np.arange(np.prod(SHAPE), dtype=np.float64).reshape(SHAPE) % 3, np.uint8),
+        (np.arange(np.prod(SHAPE)).reshape(SHAPE) - 3000, np.int16),
+    ],
+)
+def test_integer_dtypes_store_values_unscaled(tmp_path: Path, array, dtype) -> None:
+    path = write_volume(tmp_path / "x.nii.gz", array, make_geometry(np.eye(4), SHAPE), dtype)
+    values, geometry = read_volume(path)
+    assert values.dtype == dtype and geometry.dtype == dtype  # no slope/inter scaling
+    np.testing.assert_array_equal(values, array)
+
+
+@pytest.mark.parametrize(
+    ("array", "dtype", "match"),
+    [
+        (np.full(SHAPE, 0.5), np.uint8, "non-integer values"),
+        (np.full(SHAPE, 300), np.uint8, "do not fit"),
+        (np.full(SHAPE, 2**40), None, "do not fit"),
+    ],
+)
+def test_lossy_casts_are_refused(tmp_path: Path, array, dtype, match) -> None:
+    with pytest.raises(UserError, match=match):
+        write_volume(tmp_path / "x.nii.gz", array, make_geometry(np.eye(4), SHAPE), dtype)
+
+
 def test_explicit_dtype_and_4d_probabilities(tmp_path: Path) -> None:
     geometry = make_geometry(np.eye(4), SHAPE)
     probabilities = np.random.default_rng(1).random((*SHAPE, 3)).astype(np.float32)
