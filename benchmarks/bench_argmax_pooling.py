@@ -1,15 +1,15 @@
 """Benchmark: forward + backward of argmax pooling + unpooling on a (2, 64, 64, 64, 16) volume.
 
-    python benchmarks/bench_argmax_pooling.py [--repeats 20]
+    python benchmarks/bench_argmax_pooling.py [--repeats 20]    # after pip install -e .
 
-Compares, on the CPU, the median time of one forward + backward pass (the gradient w.r.t. the
-input for a fixed upstream gradient) of:
+Compares, on the CPU, the median wall-clock and CPU time of one forward + backward pass (the
+gradient w.r.t. the input for a fixed upstream gradient), runs taking turns, of:
 
 * ours: ``MaxPoolingWithArgmax`` + ``MaxUnpoolingWithArgmax`` in a ``tf.function``, with their
   XLA kernels (the default), without them (plain TensorFlow ops), and inside a whole-step
   ``tf.function(jit_compile=True)``;
 * (a) the widely copied scatter unpooling: argmax of the reshaped windows, flat int64 indices
-  ``((b*D + z)*H + y)*W + x)*C + c``, and ``tf.scatter_nd`` into a flat zero tensor;
+  ``(((b*D + z)*H + y)*W + x)*C + c``, and ``tf.scatter_nd`` into a flat zero tensor;
 * (b) ``keras.layers.MaxPooling3D`` + ``keras.layers.UpSampling3D`` (no argmax), the floor.
 
 Targets: ours at least 5x faster than (a) and no slower than (b).

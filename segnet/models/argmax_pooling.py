@@ -102,8 +102,10 @@ def _split_windows(x: Any, pool_size: tuple[int, ...], pad_value: float) -> Any:
 def _window_slices(windows: Any, pool_size: tuple[int, ...]) -> list[Any]:
     """The ``prod(pool_size)`` strided views ``(b, n1, n2, ..., c)``, in row-major window order.
 
-    Slices rather than a transpose plus ``argmax`` because TensorFlow's element-wise ops do
-    not broadcast past rank 5 and the transposes cost twice the slices (measured).
+    Slices rather than moving the window axes last with a transpose and taking ``argmax``:
+    under XLA the slices, compares and selects fuse into one pass over the input with no
+    transposed copy (about half the time of the transpose form on the benchmark volume), and
+    ``argmax`` does not promise which of several equal maxima it returns.
     """
     views = []
     for offsets in itertools.product(*(range(p) for p in pool_size)):
