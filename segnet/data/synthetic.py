@@ -49,7 +49,7 @@ class SyntheticSpec:
     anisotropic: bool = False  # spacing ANISOTROPIC_SPACING instead of 1 mm
     seed: int = 0
     num_folds: int = 5
-    noise_std: float = 18.0  # Rician noise, in intensity units (tissue mean is 100)
+    noise_std: float = 14.0  # Rician noise, in intensity units (tissue mean is 100)
     bias_strength: float = 0.25  # bias field multiplies intensities by 1 +- this
 
     def validate(self) -> None:
@@ -88,7 +88,7 @@ def _ellipsoid(u: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def _torus(u: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
-    major, minor = s * rng.uniform(8.0, 13.0), s * rng.uniform(3.0, 5.0)
+    major, minor = s * rng.uniform(8.0, 12.0), s * rng.uniform(3.5, 5.5)
     ring = np.sqrt(u[0] ** 2 + u[1] ** 2) - major
     return ring**2 + u[2] ** 2 <= minor**2
 
