@@ -379,7 +379,7 @@ def split_cases(cases: Sequence[CaseFiles], data: DataConfig) -> Split:
 
 def _folds_path(data: DataConfig) -> Path:
     path = Path(data.split.folds_file or "").expanduser()
-    return path if path.is_absolute() else Path(data.root).expanduser().absolute() / path
+    return path if path.is_absolute() else dataset_root(data) / path  # root or an alternative
 
 
 def _explicit_val(split: SplitConfig, by_id: dict[str, CaseFiles], problems: list[str]) -> set[str]:

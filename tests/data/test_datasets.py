@@ -199,6 +199,16 @@ def test_explicit_lists(tiny_dataset: Path, train, val, expected_train, expected
     assert [c.case_id for c in split.val] == expected_val
 
 
+def test_root_alternative_is_used_with_its_folds_file(tiny_dataset: Path, tmp_path: Path) -> None:
+    data = data_config(
+        tmp_path / "absent",
+        root_alternatives=[str(tiny_dataset)],
+        split={"folds_file": "folds.json", "fold": 1},
+    )
+    split = load_split(data)
+    assert len(split.val) == 2 and split.val[0].label.parent.parent == tiny_dataset
+
+
 def test_synthetic_root_is_generated_on_first_use(tmp_path: Path, monkeypatch) -> None:
     from segnet.data import synthetic
 
