@@ -211,8 +211,17 @@ def downsample_labels(labels: Any, num_classes: int, factor: int, spatial_dims: 
     onehot = ops.one_hot(ops.cast(labels, "int32"), num_classes, dtype="float32")
     if factor == 1:
         return onehot
-    # TensorFlow's 'same' average pooling divides by the voxels inside the volume only.
-    return ops.average_pool(onehot, (factor,) * spatial_dims, factor, padding="same")
+    # Pad at the end, like PadToMultiple ('same' pooling would pad both sides), then divide
+    # by the share of each block inside the volume, which is the sum over classes.
+    padded = pad_to_multiple(onehot, factor)
+    mean = ops.average_pool(padded, (factor,) * spatial_dims, factor, padding="valid")
+    return mean / ops.sum(mean, axis=-1, keepdims=True)
+
+
+def pad_to_multiple(x: Any, multiple: int) -> Any:
+    """Zero-pads the end of every spatial axis of ``(batch, *spatial, channels)`` to a multiple."""
+    pads = [(0, (-n) % multiple) for n in ops.shape(x)[1:-1]]
+    return ops.pad(x, [(0, 0), *pads, (0, 0)])
 
 
 def _spatial_ceil(shape: Sequence[int | None], multiple: int) -> list[int | None]:
@@ -234,9 +243,7 @@ class PadToMultiple(keras.layers.Layer):
         self.multiple = multiple
 
     def call(self, x: Any) -> Any:
-        shape = ops.shape(x)
-        pads = [(0, (-n) % self.multiple) for n in shape[1:-1]]
-        return ops.pad(x, [(0, 0), *pads, (0, 0)])
+        return pad_to_multiple(x, self.multiple)
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple:
         spatial = [
