@@ -145,9 +145,8 @@ def evaluate_case(predictor: Predictor, case: CaseFiles, out_dir: Path) -> dict[
     segmentation = predictor.segment(image, geometry, config.evaluation.save_probabilities)
     write_segmentation(out_dir / "predictions", case.case_id, segmentation, geometry)
     if config.evaluation.montage:
-        write_montage(
-            out_dir / "montages" / f"{case.case_id}.png", image, segmentation.labels, label
-        )
+        montage = out_dir / "montages" / f"{case.case_id}.png"
+        write_montage(montage, image, segmentation.labels, label, geometry.orientation)
     return compute_case_metrics(
         segmentation.labels,
         label,

@@ -1,14 +1,15 @@
-"""PNG montages of a case: image, ground truth and prediction on representative slices.
+"""PNG montages of a case: image, ground truth and prediction on representative axial slices.
 
 numpy and zlib only (matplotlib is not a dependency): the montage is assembled as an RGB uint8
-array and written by a minimal PNG encoder. Layout, for ``n`` chosen slices of a volume whose
-slices are ``(height, width)`` voxels, each drawn ``zoom`` times larger::
+array and written by a minimal PNG encoder. The volumes are first turned to the usual axial
+view from their orientation codes (``Geometry.orientation``): slices inferior to superior, rows
+anterior (top) to posterior, columns from the patient's right to left (radiological display).
+For ``n`` chosen slices of ``(rows, columns)`` voxels, each drawn ``zoom`` times larger::
 
     row i (slice i):  [ image | image + ground truth | image + prediction ]
 
-so the PNG is ``n * zoom * height`` pixels high and ``3 * zoom * width`` wide (two columns when
-there is no ground truth). Slices are taken along axis 0 of the (depth, height, width) arrays,
-the last NIfTI axis, which is the axial one for scans stored in the usual orientation.
+so the PNG is ``n * zoom * rows`` pixels high and ``3 * zoom * columns`` wide (two columns of
+panels when there is no ground truth). Voxels are drawn square whatever the in-plane spacing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 # Class colours (RGB) for labels 1, 2, ...; background is not drawn. Chosen to stay distinct
@@ -39,13 +41,35 @@ PALETTE = np.array(
 )
 OVERLAY_ALPHA = 0.45
 MIN_SLICE_PIXELS = 128  # small slices (e.g. 36x50 hippocampus) are enlarged to about this
+AXIAL_VIEW = ("S", "P", "L")  # (slices, rows, columns) of the displayed arrays
+
+
+def axial_view(volume: np.ndarray, orientation: tuple[str, ...] | None) -> np.ndarray:
+    """``volume`` reoriented so axis 0 runs inferior to superior, axis 1 anterior to posterior
+    and axis 2 from the patient's right to left.
+
+    Args:
+        volume: (i, j, k) or (i, j, k, channels) in the file's voxel order.
+        orientation: the axis codes of (i, j, k), e.g. ``("R", "A", "S")``, from
+            ``nib.aff2axcodes`` (oblique grids take their closest axes); None leaves the
+            volume as it is.
+
+    Returns:
+        A view (no copy) of ``volume`` with its spatial axes permuted and flipped.
+    """
+    if orientation is None:
+        return volume
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(orientation), nib.orientations.axcodes2ornt(AXIAL_VIEW)
+    )
+    return nib.orientations.apply_orientation(volume, transform)
 
 
 def representative_slices(label: np.ndarray, count: int = 3) -> list[int]:
-    """The axial slices with the most foreground voxels, in increasing order.
+    """The slices (along axis 0) with the most foreground voxels, in increasing order.
 
     Args:
-        label: Integer label map, (depth, height, width); 0 is background.
+        label: Integer label map, (slices, rows, columns); 0 is background.
         count: How many slices to return (fewer when the volume has fewer slices).
 
     Returns:
@@ -66,7 +90,7 @@ def to_grey(image: np.ndarray) -> np.ndarray:
     """Intensities scaled to [0, 255] between the 0.5th and 99.5th percentiles.
 
     Args:
-        image: (depth, height, width) float array, one channel.
+        image: (slices, rows, columns) float array, one channel.
 
     Returns:
         float32 array of the same shape in [0, 255].
@@ -112,14 +136,15 @@ def build_montage(
     """The montage of one case as an RGB array (layout in the module docstring).
 
     Args:
-        image: (depth, height, width) intensities of one channel.
-        prediction: (depth, height, width) integer predicted labels.
-        label: (depth, height, width) integer ground truth, or None.
-        slices: Axial slices to show; default ``representative_slices`` of the ground truth
+        image: (slices, rows, columns) intensities of one channel.
+        prediction: (slices, rows, columns) integer predicted labels.
+        label: (slices, rows, columns) integer ground truth, or None.
+        slices: Slices along axis 0 to show; default ``representative_slices`` of the ground truth
             (of the prediction when there is none).
 
     Returns:
-        (rows * zoom * height, columns * zoom * width, 3) uint8, with ``zoom_factor``.
+        (len(slices) * zoom * rows, panels * zoom * columns, 3) uint8, with ``zoom_factor``
+        and 3 panels (2 without ground truth).
 
     Raises:
         ValueError: if the three volumes do not share one shape.
@@ -131,12 +156,12 @@ def build_montage(
         slices = representative_slices(label if label is not None else prediction)
     grey = to_grey(image)
     overlays = ([None, label] if label is not None else [None]) + [prediction]
-    rows = [
+    strips = [
         np.concatenate([overlay(grey[z], None if o is None else o[z]) for o in overlays], axis=1)
         for z in slices
     ]
     zoom = zoom_factor(*image.shape[1:])
-    montage = np.concatenate(rows, axis=0)
+    montage = np.concatenate(strips, axis=0)
     return np.repeat(np.repeat(montage, zoom, axis=0), zoom, axis=1)
 
 
@@ -173,22 +198,25 @@ def write_montage(
     image: np.ndarray,
     prediction: np.ndarray,
     label: np.ndarray | None = None,
+    orientation: tuple[str, ...] | None = None,
 ) -> tuple[int, int]:
     """Builds the montage of one case and writes it atomically as a PNG.
 
     Args:
         path: Destination ``.png``.
-        image: (depth, height, width) or (depth, height, width, channels) intensities; the
-            first channel is shown.
-        prediction: (depth, height, width) integer predicted labels.
-        label: (depth, height, width) integer ground truth, or None.
+        image: (i, j, k) or (i, j, k, channels) intensities; the first channel is shown.
+        prediction: (i, j, k) integer predicted labels.
+        label: (i, j, k) integer ground truth, or None.
+        orientation: axis codes of (i, j, k) (``Geometry.orientation``) for the axial view;
+            None takes axis 0 as the slice axis and axes 1 and 2 as rows and columns.
 
     Returns:
         ``(height, width)`` of the written image in pixels.
     """
     if image.ndim == 4:
         image = image[..., 0]
-    rgb = build_montage(image, prediction, label)
+    views = [None if v is None else axial_view(v, orientation) for v in (image, prediction, label)]
+    rgb = build_montage(*views)  # type: ignore[arg-type]
     _atomic_write_bytes(Path(path), encode_png(rgb))
     return rgb.shape[0], rgb.shape[1]
 

@@ -180,14 +180,15 @@ def test_checkpoint_all_ranks_every_checkpoint(run: Path, capsys: pytest.Capture
     assert "Dice" in printed and "HD95 mm" in printed and "median" in printed
 
 
-def test_montage_per_case_decodes_to_the_layout_size(run: Path, oracle):
+def test_montage_per_case_decodes_to_the_axial_layout_size(run: Path, dataset: Path, oracle):
     evaluate_run(run, "best", quiet=True)
     for case_id in HELD_OUT:
-        shape = SHAPES[int(case_id.split("_")[1])]
+        scan = nib.load(str(dataset / "labelsTr" / f"{case_id}.nii.gz"))
+        view = montage.axial_view(np.zeros(scan.shape), nib.aff2axcodes(scan.affine))
         png = run / "evaluation" / "best" / "montages" / f"{case_id}.png"
         decoded = tf.io.decode_png(png.read_bytes())
-        zoom = montage.zoom_factor(shape[1], shape[2])
-        assert tuple(decoded.shape) == (3 * zoom * shape[1], 3 * zoom * shape[2], 3)
+        zoom = montage.zoom_factor(*view.shape[1:])
+        assert tuple(decoded.shape) == (3 * zoom * view.shape[1], 3 * zoom * view.shape[2], 3)
 
 
 def test_data_folder_evaluates_every_labelled_case(run: Path, dataset: Path, oracle):

@@ -77,6 +77,31 @@ def test_overlays_colour_only_labelled_voxels():
     assert (bare[..., 0] == bare[..., 1]).all()  # the bare image is grey
 
 
+@pytest.mark.parametrize(
+    ("codes", "axes", "corner"),
+    [
+        (("R", "A", "S"), (2, 1, 0), (-1, -1, 0)),  # RAS: anterior and right sides flipped
+        (("L", "P", "S"), (2, 1, 0), (0, 0, 0)),  # LPS (DICOM) is the display order already
+        (("P", "I", "R"), (1, 0, 2), (0, -1, -1)),  # slices from j reversed, columns from k
+        (None, (0, 1, 2), (0, 0, 0)),  # no orientation: as stored
+    ],
+)
+def test_axial_view_orders_slices_rows_and_columns(
+    codes: tuple[str, str, str] | None, axes: tuple[int, int, int], corner: tuple[int, ...]
+):
+    volume = np.arange(5 * 6 * 7).reshape(5, 6, 7)
+    view = montage.axial_view(volume, codes)
+    assert view.shape == tuple(volume.shape[a] for a in axes)
+    assert view[0, 0, 0] == volume[corner]
+
+
+def test_write_montage_shows_axial_slices_of_a_ras_volume(tmp_path: Path):
+    image, label = _volume((17, 18, 19))  # i, j, k; k is superior for RAS
+    size = montage.write_montage(tmp_path / "ras.png", image, label, label, ("R", "A", "S"))
+    zoom = montage.zoom_factor(18, 17)
+    assert size == (3 * zoom * 18, 3 * zoom * 17)  # rows from j (A-P), columns from i (R-L)
+
+
 def test_shape_mismatch_is_refused():
     image, label = _volume((17, 18, 19))
     with pytest.raises(ValueError, match="prediction shape"):
