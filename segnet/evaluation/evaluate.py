@@ -84,7 +84,7 @@ def evaluate_run(
     run_dir = Path(run_dir)
     config = loading.load_run_config(run_dir, overrides)
     refs = loading.resolve_checkpoints(run_dir, checkpoint, allow_all=True)
-    prepare_output_dir(run_dir / EVALUATION_DIR)
+    prepare_output_dir(run_dir / EVALUATION_DIR, "evaluation folder")
     config, cases = evaluation_cases(config, data)
     class_names = dataset_class_names(config)
     results: dict[str, Any] = {}

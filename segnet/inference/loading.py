@@ -40,7 +40,6 @@ BEST_DIR = "best"
 # held-out data lives. Everything else shaped the weights or their preprocessing.
 OVERRIDABLE = (
     "evaluation.",
-    "runtime.",
     "data.root",
     "data.split.",
     "data.cache_dir",

@@ -252,25 +252,29 @@ def _channel_problem(case_id: str, files: dict[int | None, Path], num_channels: 
     )
 
 
-def prepare_output_dir(output_dir: Path) -> Path:
+def prepare_output_dir(output_dir: Path, what: str = "--output") -> Path:
     """Creates ``output_dir`` and checks it can be written, before any work is done.
+
+    Args:
+        output_dir: the folder.
+        what: how error messages name it (the flag, or a description).
 
     Raises:
         UserError: it is a file, cannot be created, or is not writable.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output {output_dir}: is a file, not a folder; choose another path")
+        raise UserError(f"{what} {output_dir}: is a file, not a folder; choose another path")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(
-            f"--output {output_dir}: cannot create the folder ({exc.strerror}); fix the "
+            f"{what} {output_dir}: cannot create the folder ({exc.strerror}); fix the "
             "permissions or choose another path"
         ) from None
     if not os.access(output_dir, os.W_OK | os.X_OK):
         raise UserError(
-            f"--output {output_dir}: not writable; fix the permissions or choose another folder"
+            f"{what} {output_dir}: not writable; fix the permissions or choose another folder"
         )
     return output_dir
 
@@ -308,7 +312,8 @@ def predict_files(
         inputs: files and folders (grouping in the module docstring).
         output_dir: created if missing; must be writable.
         checkpoint: ``best``, ``latest`` or a path (see ``segnet.inference.loading``).
-        overrides: ``key=value`` changes to ``evaluation.*`` (and ``runtime.*``) settings.
+        overrides: ``key=value`` changes to ``evaluation.*`` settings (see
+            ``loading.OVERRIDABLE``).
         quiet: no progress bar.
 
     Returns:
@@ -319,8 +324,8 @@ def predict_files(
             case is read), or no input file was found at all.
     """
     config = loading.load_run_config(run_dir, overrides)
-    output_dir = prepare_output_dir(output_dir)
     ref = loading.resolve_checkpoints(run_dir, checkpoint)[0]
+    output_dir = prepare_output_dir(output_dir)
     cases, failures = collect_cases(inputs, config.data.num_channels)
     if not cases and not failures:
         raise UserError(f"--input {' '.join(map(str, inputs))}: no .nii or .nii.gz files found")

@@ -296,6 +296,15 @@ def test_every_checkpoint_spec_predicts(run_dir: Path, tmp_path: Path, checkpoin
     ]
 
 
+def test_a_4d_channels_last_file_is_one_case(run_dir: Path, tmp_path: Path):
+    image, _ = phantom()
+    scan = write_scan(tmp_path / "in" / "msd_case.nii.gz", np.stack([image, image * 2], -1))
+    assert predict_files(run_dir, [scan], tmp_path / "out", quiet=True) == []
+    written = tmp_path / "out" / "msd_case.nii.gz"
+    assert nib.load(str(written)).ndim == 3
+    assert_same_grid(written, scan)
+
+
 @pytest.mark.parametrize(
     ("setup", "args", "error", "message"),
     [
