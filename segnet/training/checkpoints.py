@@ -110,7 +110,7 @@ class Checkpoints:
         for index, path in enumerate(candidates):
             problem = verify_checkpoint(path)
             if problem is None:
-                self.checkpoint.restore(path).assert_existing_objects_matched()
+                self._restore(path)
                 return path
             fallback = candidates[index + 1] if index + 1 < len(candidates) else None
             then = f"falling back to {Path(fallback).name}" if fallback else "none left"
@@ -121,6 +121,15 @@ class Checkpoints:
                 "start training from scratch"
             )
         return None
+
+    def _restore(self, path: str) -> None:
+        try:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        except (AssertionError, ValueError) as exc:
+            raise RunDirError(
+                f"{path} does not fit this model ({_first_line(exc)}); the model config "
+                "changed since it was saved: use another --run-dir"
+            ) from None
 
     def save(self, step: int) -> str:
         """Saves and verifies a checkpoint of the current state as ``ckpt-<step>``."""
@@ -203,7 +212,8 @@ def verify_checkpoint(path: str) -> str | None:
         reader = tf.train.load_checkpoint(path)
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)
-    except (tf.errors.OpError, ValueError, OSError) as exc:
+    except Exception as exc:
+        # surfaces as IndexError, bad bytes as DataLossError, a missing file as NotFoundError)
         return f"{type(exc).__name__}: {_first_line(exc)}"
     return None
 

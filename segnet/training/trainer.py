@@ -435,16 +435,36 @@ def _precision_policy(name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _log_file(path: Path) -> Iterator[None]:
-    """Copies the ``segnet`` log into ``train.log``, appending across resumes.
+    """Copies the ``segnet`` log at INFO into ``train.log``, appending across resumes.
 
-    It records what the logger lets through: INFO normally, warnings only under ``--quiet``.
+    The file gets INFO even when the console shows warnings only (``--quiet``, or a library
+    caller that never configured logging): the logger is lowered to INFO for the run, and what
+    it passes on to the console handlers is held back to the level the console had.
     """
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handler.setLevel(logging.INFO)
+    console_level = log.getEffectiveLevel()
+    saved = (log.level, log.propagate)
+    forward = _ForwardToParent(console_level) if console_level > logging.INFO else None
     log.addHandler(handler)
+    if forward is not None:
+        log.propagate = False
+        log.addHandler(forward)
+        log.setLevel(logging.INFO)
     try:
         yield
     finally:
         log.removeHandler(handler)
         handler.close()
+        if forward is not None:
+            log.removeHandler(forward)
+        log.setLevel(saved[0])  # setLevel, not assignment: it clears the level cache
+        log.propagate = saved[1]
+
+
+class _ForwardToParent(logging.Handler):
+    """Passes the records at or above its level on to the parent logger's handlers."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if log.parent is not None:
+            log.parent.handle(record)

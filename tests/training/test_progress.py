@@ -1,0 +1,126 @@
+"""Tests for segnet.training.progress: running statistics, metrics.csv, TensorBoard, overlays."""
+
+from __future__ import annotations
+
+import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
+
+# isort: split
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from segnet.training.progress import (
+    EpochStats,
+    MetricsCsv,
+    Reporter,
+    Summaries,
+    epoch_line,
+    is_interactive,
+    overlay_panel,
+)
+
+
+def test_epoch_stats_by_hand() -> None:
+    stats = EpochStats(num_classes=3)
+    # class 1: tp 3, fp 1, fn 0 -> 6/7; class 2: nothing anywhere -> 1 by convention.
+    stats.add(1.0, np.array([[9, 0, 0], [2, 1, 0], [0, 0, 0]]), wait_seconds=0.1, step_seconds=0.5)
+    stats.add(3.0, np.array([[9, 0, 0], [1, 0, 0], [0, 0, 0]]), wait_seconds=0.0, step_seconds=0.5)
+    assert stats.loss == pytest.approx(2.0)
+    assert stats.dice == pytest.approx((6 / 7 + 1.0) / 2)
+    assert stats.steps_per_second == pytest.approx(2.0)
+    assert stats.data_wait == pytest.approx(0.1)
+
+
+def test_epoch_line_names_every_number() -> None:
+    stats = EpochStats(num_classes=3)
+    stats.add(0.5, np.zeros((3, 3)), 0.0, 1.0)
+    line = epoch_line(1, 10, 40, stats, {"val_dice": 0.5, "val_dice_1": 0.4, "val_dice_2": 0.6})
+    assert line.startswith("epoch 2/10 step 40: loss 0.5000")
+    assert "val dice 0.500 (1: 0.400, 2: 0.600)" in line
+    assert "\n" not in line
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_metrics_csv_resume_drops_the_epochs_trained_again(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    first = MetricsCsv(path, num_classes=3, first_epoch=1)
+    for epoch in (1, 2, 3):
+        first.append({"epoch": epoch, "loss": 1.0 / epoch, "val_dice_2": 0.5})
+    resumed = MetricsCsv(path, num_classes=3, first_epoch=3)  # epoch 3 was not checkpointed
+    assert [r["epoch"] for r in _rows(path)] == ["1", "2"]
+    resumed.append({"epoch": 3, "loss": 0.25})
+    rows = _rows(path)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert rows[0]["val_dice_2"] == "0.5" and rows[2]["val_dice_2"] == ""
+    assert list(rows[0]) == first.columns
+
+
+def test_metrics_csv_rewrites_an_old_header(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    MetricsCsv(path, num_classes=2, first_epoch=1).append({"epoch": 1, "loss": 0.5})
+    MetricsCsv(path, num_classes=4, first_epoch=2)
+    rows = _rows(path)
+    assert "val_dice_3" in rows[0] and rows[0]["loss"] == "0.5"
+
+
+def _events(logdir: Path) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for events_file in logdir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events_file)):
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append((event.step, value))
+    return found
+
+
+def test_summaries_are_tensorboard_scalars_and_images(tmp_path: Path) -> None:
+    summaries = Summaries(tmp_path)
+    summaries.scalars(3, {"train/loss": 0.75})
+    summaries.image(3, "val/overlay", np.zeros((5, 9, 3), np.uint8))
+    summaries.close()
+    events = _events(tmp_path)
+    ((step, loss),) = events["train/loss"]
+    assert step == 3 and loss.metadata.plugin_data.plugin_name == "scalars"
+    assert tf.make_ndarray(loss.tensor) == pytest.approx(0.75)
+    ((_, image),) = events["val/overlay"]
+    assert image.metadata.plugin_data.plugin_name == "images"
+    width, height, png = tf.make_ndarray(image.tensor)
+    assert (int(width), int(height)) == (9, 5)
+    assert tf.io.decode_png(png).shape == (5, 9, 3)
+
+
+def test_reporter_without_run_dir_writes_nothing(tmp_path: Path) -> None:
+    reporter = Reporter(None, num_classes=2, first_epoch=0, log_every=1, show_bars=False)
+    stats = reporter.start_epoch(0, 1, 1, 0)
+    stats.add(0.1, np.zeros((2, 3)), 0.0, 0.1)
+    reporter.step(1, stats, {"train/loss": 0.1})
+    reporter.end_epoch(0, 1, 1, stats, None, 0.01)
+    reporter.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_bars_hidden_when_quiet_or_not_a_terminal() -> None:
+    assert not is_interactive(quiet=True)
+    assert not is_interactive(quiet=False)  # pytest captures stderr: not a terminal
+
+
+def test_overlay_panel_colours_only_labelled_pixels() -> None:
+    image = np.linspace(0, 1, 6 * 7).reshape(6, 7)
+    label = np.zeros((6, 7), int)
+    label[1, 2] = 1
+    prediction = np.zeros((6, 7), int)
+    prediction[4, 5] = 2
+    panel = overlay_panel(image, label, prediction)
+    assert panel.shape == (6, 21, 3) and panel.dtype == np.uint8
+    plain, truth, predicted = panel[:, :7], panel[:, 7:14], panel[:, 14:]
+    changed_truth = np.argwhere((truth != plain).any(-1))
+    changed_prediction = np.argwhere((predicted != plain).any(-1))
+    assert changed_truth.tolist() == [[1, 2]]
+    assert changed_prediction.tolist() == [[4, 5]]
+    assert not np.array_equal(truth[1, 2], predicted[4, 5])  # classes get different colours

@@ -1,0 +1,114 @@
+"""Tests for segnet.training.step: confusion counts, one update, clipping, float16 loss scaling."""
+
+from __future__ import annotations
+
+import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
+
+# isort: split
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from segnet.config import build_config
+from segnet.losses import build_loss
+from segnet.training.optimizers import build_optimizer
+from segnet.training.step import confusion_counts, make_train_step
+
+NUM_CLASSES = 3
+
+
+def test_confusion_counts_by_hand() -> None:
+    labels = np.array([[0, 1, 1, 2]])
+    logits = np.eye(3, dtype=np.float32)[[[0, 1, 2, 2]]]  # predicts 0, 1, 2, 2
+    counts = confusion_counts(labels, logits, 3).numpy()
+    np.testing.assert_array_equal(counts, [[1, 0, 0], [1, 0, 1], [1, 1, 0]])
+
+
+def _model(dtype_policy: str | None = None) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    image = keras.Input((7, 8, 9, 1))
+    x = keras.layers.Conv3D(4, 3, padding="same", activation="relu", dtype=dtype_policy)(image)
+    return keras.Model(image, keras.layers.Conv3D(NUM_CLASSES, 1, dtype="float32")(x))
+
+
+def _batch() -> tuple[tf.Tensor, tf.Tensor]:
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.normal(size=(2, 7, 8, 9, 1)).astype(np.float32))
+    labels = tf.constant(rng.integers(0, NUM_CLASSES, (2, 7, 8, 9)).astype(np.int32))
+    return images, labels
+
+
+def _step(model: keras.Model, *overrides: str):
+    config = build_config(
+        {"data": {"num_classes": NUM_CLASSES}, "optimizer": {"weight_decay": 0.0}},
+        list(overrides),
+    )
+    optimizer = build_optimizer(config)
+    optimizer.build(model.trainable_variables)
+    step = make_train_step(
+        model,
+        optimizer,
+        build_loss(config),
+        tf.distribute.get_strategy(),
+        num_classes=NUM_CLASSES,
+        clip_norm=config.optimizer.clip_norm,
+    )
+    return step, optimizer
+
+
+def test_one_step_updates_weights_and_reports_counts() -> None:
+    model = _model()
+    before = [np.asarray(v) for v in model.trainable_variables]
+    step, optimizer = _step(model)
+    images, labels = _batch()
+    out = step((images, labels), tf.constant(0.0))
+    assert np.isfinite(float(out.loss)) and float(out.grad_norm) > 0
+    assert not bool(out.stop)
+    counts = out.counts.numpy()
+    truth = np.bincount(labels.numpy().ravel(), minlength=NUM_CLASSES)
+    np.testing.assert_array_equal(counts[:, 0] + counts[:, 2], truth)  # tp + fn = reference
+    assert counts[:, :2].sum() == labels.numpy().size  # every voxel predicted once
+    assert int(optimizer.iterations) == 1
+    assert all(
+        not np.array_equal(a, np.asarray(b)) for a, b in zip(before, model.trainable_variables)
+    )
+
+
+def test_stop_flag_passes_through() -> None:
+    step, _ = _step(_model())
+    assert bool(step(_batch(), tf.constant(1.0)).stop)
+
+
+def test_clipping_bounds_the_first_nesterov_update() -> None:
+    # First SGD step with Nesterov momentum m moves the weights by (1 + m) * lr * g, so a
+    # gradient clipped to norm c moves them by exactly (1 + m) * lr * c.
+    model = _model()
+    before = [np.asarray(v) for v in model.trainable_variables]
+    clip, lr, momentum = 1e-3, 0.1, 0.9
+    step, _ = _step(
+        model,
+        f"optimizer.clip_norm={clip}",
+        f"optimizer.learning_rate={lr}",
+        f"optimizer.momentum={momentum}",
+        "optimizer.schedule=constant",
+    )
+    out = step(_batch(), tf.constant(0.0))
+    assert float(out.grad_norm) > clip
+    moved = np.sqrt(
+        sum(np.sum((np.asarray(v) - b) ** 2) for v, b in zip(model.trainable_variables, before))
+    )
+    assert moved == pytest.approx((1 + momentum) * lr * clip, rel=1e-4)
+
+
+def test_float16_step_scales_the_loss() -> None:
+    model = _model(dtype_policy="mixed_float16")
+    step, optimizer = _step(model, "runtime.precision=mixed_float16")
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    scale = float(optimizer.dynamic_scale)
+    out = step(_batch(), tf.constant(0.0))
+    assert out.loss.dtype == tf.float32 and np.isfinite(float(out.loss))
+    # the reported norm is of the unscaled gradient: the same as without a loss scale
+    reference = _step(_model(), "optimizer.clip_norm=null")[0](_batch(), tf.constant(0.0))
+    assert float(out.grad_norm) == pytest.approx(float(reference.grad_norm), rel=1e-2)
+    assert int(optimizer.iterations) == 1 and float(optimizer.dynamic_scale) == scale

@@ -1,0 +1,269 @@
+"""Tests for segnet.training.trainer, in process: a tiny run end to end, resume, failures."""
+
+from __future__ import annotations
+
+import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
+
+# isort: split
+import csv
+import errno
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from training_helpers import assert_same_checkpoints, tiny_config
+
+from segnet.errors import DataError, RunDirError, UserError
+from segnet.training import trainer
+from segnet.training.checkpoints import checkpoint_candidates
+from segnet.training.preemption import StopRequest
+from segnet.training.trainer import DivergedError, OutOfMemoryError, TrainResult, train
+
+EVERY_STEPS = "checkpoint.every_steps=2"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """The tiny U-Net trained without interruption: 2 epochs of 3 steps."""
+    tmp = tmp_path_factory.mktemp("reference")
+    return train(tiny_config(tiny_root, tmp, EVERY_STEPS), run_dir=tmp / "run", quiet=True)
+
+
+def test_a_run_writes_a_self_describing_directory(reference_run: TrainResult) -> None:
+    run = reference_run.run_dir
+    assert (reference_run.step, reference_run.epochs_done) == (6, 2)
+    assert not reference_run.interrupted and reference_run.best_score is not None
+    for name in ("config.yaml", "fingerprint.json", "train.log", "export/model.keras"):
+        assert (run / name).is_file(), name
+    assert (run / "export" / "saved_model" / "saved_model.pb").is_file()
+    assert [Path(p).name for p in checkpoint_candidates(run / "checkpoints")] == [
+        "ckpt-6",
+        "ckpt-4",
+        "ckpt-3",
+    ]
+    assert len(checkpoint_candidates(run / "checkpoints" / "best")) == 1
+    assert list((run / "logs").glob("events.out.tfevents.*"))
+    assert "exported" in (run / "train.log").read_text()
+
+
+def test_metrics_csv_has_one_row_per_epoch(reference_run: TrainResult) -> None:
+    with (reference_run.run_dir / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "3"), ("2", "6")]
+    for row in rows:
+        for key in ("loss", "train_dice", "val_dice", "val_dice_1", "val_dice_2"):
+            assert np.isfinite(float(row[key])), key
+    best = max(float(r["val_dice"]) for r in rows)
+    assert best == pytest.approx(reference_run.best_score, rel=1e-5)
+
+
+def test_running_again_on_a_finished_run_changes_nothing(
+    reference_run: TrainResult, tiny_root: Path, tmp_path: Path
+) -> None:
+    run = reference_run.run_dir
+    metrics = (run / "metrics.csv").read_text()
+    exported = (run / "export" / "model.keras").stat().st_mtime_ns
+    config = tiny_config(tiny_root, run.parent, EVERY_STEPS)
+    again = train(config, run_dir=run, quiet=True)
+    assert (again.step, again.epochs_done, again.interrupted) == (6, 2, False)
+    assert again.best_score == reference_run.best_score
+    assert (run / "metrics.csv").read_text() == metrics
+    assert (run / "export" / "model.keras").stat().st_mtime_ns == exported
+
+
+_LOAD_WITHOUT_SEGNET = """
+import sys
+import numpy as np
+import tensorflow as tf
+serve = tf.saved_model.load(sys.argv[1]).signatures["serve"]
+(logits,) = serve(tf.constant(np.load(sys.argv[2]))).values()
+assert not [m for m in sys.modules if m.split(".")[0] == "segnet"], "segnet was imported"
+np.save(sys.argv[3], logits.numpy())
+"""
+
+
+@pytest.mark.slow
+def test_exports_reload_and_predict_like_the_trained_model(
+    reference_run: TrainResult, tmp_path: Path
+) -> None:
+    window = np.random.default_rng(0).normal(size=(1, 16, 16, 16, 1)).astype(np.float32)
+    expected = np.asarray(reference_run.model(window, training=False))
+    export = reference_run.run_dir / "export"
+    reloaded = keras.saving.load_model(export / "model.keras")
+    np.testing.assert_allclose(np.asarray(reloaded(window, training=False)), expected, atol=1e-5)
+
+    script = tmp_path / "load.py"
+    script.write_text(_LOAD_WITHOUT_SEGNET)
+    np.save(tmp_path / "window.npy", window)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(export / "saved_model"),
+            str(tmp_path / "window.npy"),
+            str(tmp_path / "logits.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-5)
+
+
+class _StopAfter(StopRequest):
+    """Says "stop" from its ``n``-th question on (0-based), as if a signal came then.
+
+    The loop asks once before each step and once after each epoch's end.
+    """
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self._questions = itertools.count()
+        self._n = n
+
+    @property
+    def requested(self) -> bool:
+        return next(self._questions) >= self._n
+
+
+def test_stop_then_resume_ends_exactly_like_the_uninterrupted_run(
+    reference_run: TrainResult, tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_config(tiny_root, reference_run.run_dir.parent, EVERY_STEPS)
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        # Questions 0-2: steps 1-3; 3: after epoch 1; 4: step 4; 5: step 5, which stops.
+        patch.setattr(trainer, "StopRequest", lambda: _StopAfter(5))
+        stopped = train(config, run_dir=run, quiet=True)
+    assert stopped.interrupted and stopped.step == 5 and stopped.epochs_done == 1
+    assert Path(checkpoint_candidates(run / "checkpoints")[0]).name == "ckpt-5"
+    resumed = train(config, run_dir=run, quiet=True)
+    assert (resumed.step, resumed.epochs_done, resumed.interrupted) == (6, 2, False)
+    assert_same_checkpoints(
+        checkpoint_candidates(run / "checkpoints")[0],
+        checkpoint_candidates(reference_run.run_dir / "checkpoints")[0],
+    )
+    with (run / "metrics.csv").open() as handle:
+        assert [r["epoch"] for r in csv.DictReader(handle)] == ["1", "2"]
+
+
+def test_2d_segnet_trains_on_slices_and_validates_whole_volumes(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(
+        tiny_root,
+        tmp_path,
+        "model.name=segnet",
+        "model.segnet.spatial_dims=2",
+        "train.epochs=1",
+        "train.steps_per_epoch=2",
+    )
+    result = train(config, run_dir=tmp_path / "run", quiet=True)
+    assert result.step == 2 and 0.0 <= result.best_score <= 1.0
+    assert (tmp_path / "run" / "export" / "saved_model").is_dir()
+
+
+# --- Failures -----------------------------------------------------------------------------
+
+
+def test_bad_data_stops_before_the_run_directory_exists(tiny_root: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in tiny_root.iterdir():
+        (broken / item.name).symlink_to(item, target_is_directory=item.is_dir())
+    (broken / "labelsTr").unlink()
+    (broken / "labelsTr").mkdir()
+    for label in (tiny_root / "labelsTr").iterdir():
+        (broken / "labelsTr" / label.name).write_bytes(label.read_bytes()[:100])  # truncated
+    config = tiny_config(broken, tmp_path)
+    with pytest.raises(DataError) as caught:
+        train(config, run_dir=tmp_path / "run", quiet=True)
+    message = str(caught.value)
+    assert all(f"case_00{i}" in message for i in range(5))  # every case reported at once
+    assert not (tmp_path / "run").exists()
+
+
+def _nan_after(steps: int):
+    real = trainer.build_loss
+
+    def build_loss(config, model=None):
+        loss = real(config, model)
+        calls = tf.Variable(0)
+
+        def poisoned(labels, outputs):
+            calls.assign_add(1)
+            return tf.where(calls > steps, float("nan"), loss(labels, outputs))
+
+        return poisoned
+
+    return build_loss
+
+
+def test_nan_loss_stops_without_saving_the_bad_state(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trainer, "build_loss", _nan_after(2))
+    config = tiny_config(
+        tiny_root, tmp_path, "checkpoint.every_steps=1", "optimizer.clip_norm=null"
+    )
+    with pytest.raises(DivergedError) as caught:
+        train(config, run_dir=tmp_path / "run", quiet=True)
+    message = str(caught.value)
+    assert "step 3" in message and "ckpt-2" in message
+    assert "optimizer.learning_rate" in message and "optimizer.clip_norm" in message
+    assert Path(checkpoint_candidates(tmp_path / "run" / "checkpoints")[0]).name == "ckpt-2"
+
+
+def test_out_of_memory_names_what_to_change(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def exhausted(*args, **kwargs):
+        def step(batch, stop):
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+
+        return step
+
+    monkeypatch.setattr(trainer, "make_train_step", exhausted)
+    with pytest.raises(
+        OutOfMemoryError, match=r"out of memory .*train\.batch_size.*data\.patch_size"
+    ):
+        train(tiny_config(tiny_root, tmp_path), run_dir=tmp_path / "run", quiet=True)
+
+
+def test_full_disk_is_one_sentence_and_keeps_earlier_checkpoints(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_save = tf.train.CheckpointManager.save
+    saves = itertools.count()
+
+    def save(self, *args, **kwargs):
+        if next(saves) >= 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+    config = tiny_config(tiny_root, tmp_path, "checkpoint.every_steps=1")
+    with pytest.raises(RunDirError, match="no space left on the device") as caught:
+        train(config, run_dir=tmp_path / "run", quiet=True)
+    assert "\n" not in str(caught.value)
+    assert [Path(p).name for p in checkpoint_candidates(tmp_path / "run" / "checkpoints")] == [
+        "ckpt-1"
+    ]
+
+
+def test_float16_on_a_cpu_without_kernels_is_a_user_error(tiny_root: Path, tmp_path: Path) -> None:
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU has the float16 kernels")
+    config = tiny_config(tiny_root, tmp_path, "runtime.precision=mixed_float16")
+    with pytest.raises(UserError, match="use mixed_bfloat16 or float32 on CPUs"):
+        train(config, run_dir=tmp_path / "run", quiet=True)
