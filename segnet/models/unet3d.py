@@ -19,7 +19,8 @@ Output contract (read by the loss and the trainer):
 Any input size works: the input is zero-padded at the end of each axis to a multiple of
 ``2**depth * input_downsample`` and every output is cropped back. Training patches should be
 multiples already (``data.patch_size`` is checked at config load), so that padding is a
-no-op there.
+no-op there; on other sizes the padded zeros take part in the convolutions near the far
+edges and in instance/group normalisation statistics.
 """
 
 from __future__ import annotations
@@ -89,12 +90,12 @@ class UNet3D(keras.Model):
         **kwargs: Any,
     ) -> None:
         _check_arguments(input_downsample, output_upsample, loss_at)
-        spec = blocks.ConvSpec(3, convs_per_level, norm, groups, activation, dropout)
-        widths = blocks.level_filters(filters, growth, max_filters, depth + 1)
-        scales = _output_scales(depth, deep_supervision, input_downsample, loss_at)
 
         # === Layers ===
         # Created by the block functions below as the graph is traced, named by level.
+        spec = blocks.ConvSpec(3, convs_per_level, norm, groups, activation, dropout)
+        widths = blocks.level_filters(filters, growth, max_filters, depth + 1)
+        scales = _output_scales(depth, deep_supervision, input_downsample, loss_at)
 
         # === Functional Model ===
         image = keras.Input(shape=(None, None, None, num_channels), name="image")
