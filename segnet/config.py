@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -532,7 +533,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(
-    data: dict[str, Any], overrides: list[str] = (), source: str | None = None
+    data: dict[str, Any], overrides: Sequence[str] = (), source: str | None = None
 ) -> ExperimentConfig:
     """Validates plain data (plus ``key=value`` overrides) into an ExperimentConfig."""
     data = dict(data)
@@ -551,7 +552,7 @@ def build_config(
     return config
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Reads a YAML experiment (or only defaults when ``path`` is None) and validates it."""
     data = read_yaml(path) if path is not None else {}
     return build_config(data, list(overrides), source=str(path) if path else None)
