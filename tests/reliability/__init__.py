@@ -1,0 +1,1 @@
+"""Reliability suite (a package so its module names cannot clash with other test folders')."""
