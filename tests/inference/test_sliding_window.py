@@ -75,6 +75,13 @@ def _reference(volume: np.ndarray, window, overlap: float, weighting: str) -> np
     return total / weight[..., None]
 
 
+@pytest.fixture(params=["host", "device"])
+def accumulate_on_cpu(request, monkeypatch) -> bool:
+    """Both accumulators; the device one is used on CPU-only machines only when forced."""
+    monkeypatch.setattr(sw, "_accelerator_present", lambda: True)
+    return request.param == "host"
+
+
 # --- Window geometry ----------------------------------------------------------------------
 
 
@@ -175,7 +182,6 @@ def test_equivariant_model_matches_whole_volume(weighting, overlap):
         ((17, 18, 19), (16, 5, 19)),
     ],
 )
-@pytest.mark.parametrize("accumulate_on_cpu", [False, True])
 def test_shapes_and_padding_match_whole_volume(shape, window, accumulate_on_cpu):
     volume = _volume(shape)
     result = sliding_window_inference(
@@ -196,7 +202,7 @@ def test_short_axes_are_zero_padded_half_on_each_side():
 def test_mirroring_an_equivariant_model_changes_nothing(mirror_axes):
     volume = _volume((17, 18, 19))
     result = sliding_window_inference(
-        volume, _linear, (8, 8, 8), num_classes=NUM_CLASSES, mirror_axes=mirror_axes
+        volume, _linear, (8, 8, 8), num_classes=NUM_CLASSES, mirror_axes=mirror_axes, batch_size=8
     )
     _assert_close(result, _direct(volume))
 
@@ -249,7 +255,6 @@ def test_gaussian_and_constant_weighting_differ_for_a_position_dependent_model()
 
 
 @pytest.mark.parametrize("batch_size", [2, 3, 7, 64])
-@pytest.mark.parametrize("accumulate_on_cpu", [False, True])
 def test_batch_size_and_accumulator_do_not_change_the_result(batch_size, accumulate_on_cpu):
     volume = _volume((17, 18, 19), seed=2)
     kwargs = dict(num_classes=NUM_CLASSES, mirror_axes=(1,))
@@ -265,6 +270,26 @@ def test_batch_size_and_accumulator_do_not_change_the_result(batch_size, accumul
         **kwargs,
     )
     _assert_close(result, baseline)
+
+
+@pytest.mark.parametrize(
+    "accelerator, accumulate_on_cpu, expected",
+    [(True, False, "_DeviceAccumulator"), (True, True, "_HostAccumulator"),
+     (False, False, "_HostAccumulator"), (False, True, "_HostAccumulator")],
+)  # fmt: skip
+def test_accumulator_choice(monkeypatch, accelerator, accumulate_on_cpu, expected):
+    used = []
+    for name in ("_DeviceAccumulator", "_HostAccumulator"):
+        original = getattr(sw, name)
+        monkeypatch.setattr(
+            sw, name, lambda *a, name=name, original=original: used.append(name) or original(*a)
+        )
+    monkeypatch.setattr(sw, "_accelerator_present", lambda: accelerator)
+    sliding_window_inference(
+        _volume((9, 9, 9)), _linear, (8, 8, 8), num_classes=NUM_CLASSES,
+        accumulate_on_cpu=accumulate_on_cpu,
+    )  # fmt: skip
+    assert used == [expected]
 
 
 def test_probabilities_sum_to_one():
@@ -304,17 +329,13 @@ def test_2d_model_sees_slices_and_matches_whole_volume():
         seen.append(tuple(x.shape))
         return _linear(x)
 
-    volume = _volume((17, 18, 19))
+    volume = _volume((7, 18, 19))
     result = sliding_window_inference(
-        volume,
-        slice_model,
-        (1, 8, 8),
-        num_classes=NUM_CLASSES,
-        spatial_dims=2,
+        volume, slice_model, (1, 8, 8), num_classes=NUM_CLASSES, spatial_dims=2, batch_size=6,
         mirror_axes=(0, 1, 2),  # axis 0 is ignored: a slice has no depth to flip
-    )
+    )  # fmt: skip
     _assert_close(result, _direct(volume))
-    assert seen == [(2, 8, 8, CHANNELS)] * 4  # traced once, four flips (axes 1 and 2 only)
+    assert seen == [(6, 8, 8, CHANNELS)] * 4  # traced once, four flips (axes 1 and 2 only)
 
 
 def test_progress_reports_every_batch():
