@@ -14,6 +14,10 @@
 
 ``train.batch_size`` is the global batch: each replica gets ``batch_size / replicas`` samples,
 so the batch size must divide by the number of replicas.
+
+``runtime.sync_batchnorm``: BatchNormalization normalises with the statistics of the replica's
+share of the batch, a noisy estimate when that share is one or two patches. Synchronised, it
+all-reduces the sums and so uses the global batch, as a single device would.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import tensorflow as tf
 
 from segnet.config import ExperimentConfig
@@ -135,3 +140,20 @@ class WriteDir:
     def __exit__(self, *exc: object) -> None:
         if self._temp is not None:
             shutil.rmtree(self._temp, ignore_errors=True)
+
+
+def synchronize_batchnorm(model: keras.Model) -> int:
+    """Makes every BatchNormalization layer of ``model`` (nested models too) synchronised.
+
+    Keras reads ``synchronized`` when the layer is called, so switching it on after the model
+    is built, before the training step is traced, is enough. Returns the number of layers.
+    """
+    count = 0
+    pending = list(model.layers)
+    while pending:
+        layer = pending.pop()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+            count += 1
+        pending.extend(getattr(layer, "layers", ()))
+    return count

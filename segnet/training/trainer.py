@@ -57,7 +57,7 @@ from segnet.run_dir import (
     initialise_run_dir,
 )
 from segnet.training.checkpoints import NO_SCORE, Checkpoints, TrainState, build_checkpoint
-from segnet.training.distribute import Cluster, WriteDir, build_strategy
+from segnet.training.distribute import Cluster, WriteDir, build_strategy, synchronize_batchnorm
 from segnet.training.export import export_model
 from segnet.training.optimizers import build_optimizer
 from segnet.training.preemption import StopRequest
@@ -214,6 +214,9 @@ class _Session:
             self.model = build_model(config)
             self.optimizer = build_optimizer(config)
             self.optimizer.build(self.model.trainable_variables)
+        if config.runtime.sync_batchnorm:
+            count = synchronize_batchnorm(self.model)
+            log.info("BatchNorm synchronised across replicas in %d layers", count)
         checkpoint = build_checkpoint(self.model, self.optimizer, self.state)
         self.checkpoints = Checkpoints(
             checkpoint, run_dir / "checkpoints", write_dir / "checkpoints", config.checkpoint.keep

@@ -16,13 +16,19 @@ import sys
 import textwrap
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from training_helpers import experiment, subprocess_env
 
 from segnet.config import build_config
 from segnet.errors import ConfigError
-from segnet.training.distribute import WriteDir, build_strategy, per_replica_batch
+from segnet.training.distribute import (
+    WriteDir,
+    build_strategy,
+    per_replica_batch,
+    synchronize_batchnorm,
+)
 
 
 @pytest.mark.parametrize(("batch", "replicas", "expected"), [(4, 2, 2), (2, 1, 2), (8, 8, 1)])
@@ -72,6 +78,15 @@ def test_write_dir(tmp_path: Path, is_chief: bool) -> None:
     assert path.exists() == is_chief  # the non-chief's temporary copy is removed
 
 
+def test_synchronize_batchnorm_reaches_nested_models() -> None:
+    image = keras.Input((8, 8, 8, 1))
+    inner = keras.Sequential([keras.layers.Conv3D(2, 3), keras.layers.BatchNormalization()])
+    x = keras.layers.BatchNormalization()(inner(image))
+    model = keras.Model(image, keras.layers.GroupNormalization(groups=2)(x))
+    assert synchronize_batchnorm(model) == 2
+    assert all(layer.synchronized for layer in [inner.layers[1], model.layers[2]])
+
+
 # --- Distributed training (subprocesses) --------------------------------------------------
 
 _MIRRORED = """
@@ -98,12 +113,15 @@ print(json.dumps({"max_diff": max(diffs), "n": len(diffs)}))
 
 @pytest.mark.slow
 def test_mirrored_over_two_cpus_matches_one_device(tiny_root: Path, tmp_path: Path) -> None:
-    # Global batch 4 = 2 per replica; instance norm and per-sample Dice make the replicas'
-    # mean the global batch's mean, so only summation order differs.
+    # Global batch 4 = 2 per replica. SegNet with synchronised batch norm, per-sample Dice and
+    # the per-voxel cross-entropy make the replicas' means the global batch's means, so only the
+    # order of summation differs from one device.
     data = experiment(
         tiny_root,
         tmp_path / "cache",
+        model={"name": "segnet", "segnet": {"filters": 4, "depth": 2, "norm": "batch"}},
         train={"epochs": 1, "steps_per_epoch": 4, "batch_size": 4},
+        runtime={"sync_batchnorm": True},
     )
     script = tmp_path / "mirrored.py"
     script.write_text(textwrap.dedent(_MIRRORED))

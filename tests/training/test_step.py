@@ -39,7 +39,7 @@ def _batch() -> tuple[tf.Tensor, tf.Tensor]:
     return images, labels
 
 
-def _step(model: keras.Model, *overrides: str):
+def _step(model: keras.Model, *overrides: str, jit_compile: bool = False):
     config = build_config(
         {"data": {"num_classes": NUM_CLASSES}, "optimizer": {"weight_decay": 0.0}},
         list(overrides),
@@ -53,14 +53,18 @@ def _step(model: keras.Model, *overrides: str):
         tf.distribute.get_strategy(),
         num_classes=NUM_CLASSES,
         clip_norm=config.optimizer.clip_norm,
+        jit_compile=jit_compile,
     )
     return step, optimizer
 
 
-def test_one_step_updates_weights_and_reports_counts() -> None:
-    model = _model()
+@pytest.mark.parametrize(
+    ("policy", "jit_compile"), [(None, False), (None, True), ("mixed_bfloat16", False)]
+)
+def test_one_step_updates_weights_and_reports_counts(policy: str | None, jit_compile: bool) -> None:
+    model = _model(policy)
     before = [np.asarray(v) for v in model.trainable_variables]
-    step, optimizer = _step(model)
+    step, optimizer = _step(model, jit_compile=jit_compile)
     images, labels = _batch()
     out = step((images, labels), tf.constant(0.0))
     assert np.isfinite(float(out.loss)) and float(out.grad_norm) > 0
