@@ -21,6 +21,7 @@ from segnet.errors import ConfigError
 from segnet.strict_dataclass import from_dict, set_path, to_dict
 
 Problems = list[tuple[str, str]]
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (keras.utils.set_random_seed) takes no more
 
 Norm = Literal["batch", "instance", "group", "none"]
 Activation = Literal["relu", "leaky_relu", "elu", "gelu", "swish"]
@@ -65,6 +66,8 @@ class SplitConfig:
             problems.append(("fold", f"must be in 0..{self.num_folds - 1}, got {self.fold}"))
         if self.fold < 0:
             problems.append(("fold", f"must be >= 0, got {self.fold}"))
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(("seed", f"must be in 0..{MAX_SEED}, got {self.seed}"))
         overlap = set(self.train) & set(self.val)
         if overlap:
             problems.append(("val", f"cases in both train and val: {sorted(overlap)[:5]}"))
@@ -374,6 +377,8 @@ class TrainConfig:
         for name in ("val_every", "val_max_cases"):
             if getattr(self, name) < 0:
                 problems.append((name, f"must be >= 0, got {getattr(self, name)}"))
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(("seed", f"must be in 0..{MAX_SEED}, got {self.seed}"))
         return problems
 
 

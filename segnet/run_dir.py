@@ -74,6 +74,8 @@ def stored_config(run_dir: Path) -> ExperimentConfig | None:
         return None
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if data is not None and not isinstance(data, dict):  # build_config takes a mapping
+            raise ConfigError([f"expected a mapping of sections, got {type(data).__name__}"])
         return build_config(data or {}, source=str(path))
     except (yaml.YAMLError, ConfigError, OSError) as exc:
         raise RunDirError(
@@ -110,6 +112,10 @@ def check_run_dir(run_dir: Path, config: ExperimentConfig, force: bool = False) 
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--run-dir {run_dir} is a file, not a directory; choose another path")
     probe = run_dir if run_dir.exists() else _nearest_existing_parent(run_dir)
+    if not probe.is_dir():  # a parent is a file: no permission change would help
+        raise RunDirError(
+            f"--run-dir {run_dir}: {probe} is a file, not a directory; choose another path"
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
         raise RunDirError(f"{probe}: not writable; fix the permissions or choose another --run-dir")
     old = stored_config(run_dir)

@@ -8,8 +8,10 @@ the first. Supported field types: ``bool``, ``int``, ``float``, ``str``, ``Liter
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union
@@ -73,7 +75,7 @@ _MISSING = object()
 def _convert(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
     """Converts ``value`` to ``tp`` or records a problem and returns ``_MISSING``."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, path, problems)
     if origin in (Union, types.UnionType):
         return _convert_union(value, tp, path, problems)
@@ -146,7 +148,13 @@ def _convert_scalar(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
             return int(value)
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            # YAML's .nan/.inf are floats, and an integer too big for a float overflows: no
+            # setting means either, and a NaN slips through every `x <= 0`-style rule.
+            with contextlib.suppress(OverflowError):
+                if math.isfinite(number := float(value)):
+                    return number
+            problems.add(path, f"expected a finite number, got {_describe(value)}")
+            return _MISSING
     elif tp is str:
         if isinstance(value, str):
             return value

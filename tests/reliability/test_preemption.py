@@ -2,8 +2,11 @@
 
 One run is stopped twice: SIGTERM in epoch 2 (a cluster scheduler's preemption), then, after
 resuming with the exact command printed on stderr, SIGINT in epoch 3 (Ctrl-C); the same command
-finishes it. Checkpoints are only written at epoch ends here (``checkpoint.every_steps: 0``), so
-the stop steps are saved by the stop alone. The final checkpoint must equal that of an
+finishes it. Checkpoints are only written at epoch ends here (``checkpoint.every_steps: 0``) and
+the signal is sent as soon as the previous epoch's checkpoint is reported, so the stop usually
+falls inside the epoch and its checkpoint is written by the stop alone; on a busy machine the
+signal can still land before the loop has left the epoch end, which stops there (also correct:
+the newest checkpoint is the stop step either way). The final checkpoint must equal that of an
 uninterrupted run started alongside.
 """
 
@@ -107,7 +110,7 @@ def test_sigterm_and_sigint_save_exit_0_and_resume_where_they_stopped(
         first, run_dir, tmp_path / "sigterm.txt", 1, signal.SIGTERM
     )
     assert (started, command) == (0, hint)
-    assert STEPS_PER_EPOCH < term_step <= 2 * STEPS_PER_EPOCH  # in epoch 2
+    assert STEPS_PER_EPOCH <= term_step <= 2 * STEPS_PER_EPOCH  # see the module docstring
     assert _latest_checkpoint(run_dir) == f"ckpt-{term_step}"
     assert not (run_dir / "export").exists()
 
@@ -115,7 +118,7 @@ def test_sigterm_and_sigint_save_exit_0_and_resume_where_they_stopped(
         _argv(command), run_dir, tmp_path / "sigint.txt", 2, signal.SIGINT
     )
     assert (started, command) == (term_step, hint)
-    assert 2 * STEPS_PER_EPOCH < int_step <= EPOCHS * STEPS_PER_EPOCH  # in epoch 3
+    assert 2 * STEPS_PER_EPOCH <= int_step <= EPOCHS * STEPS_PER_EPOCH
     assert _latest_checkpoint(run_dir) == f"ckpt-{int_step}"
 
     offset = (run_dir / "train.log").stat().st_size

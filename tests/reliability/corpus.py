@@ -1,0 +1,477 @@
+"""The bad-input corpus: broken configs, datasets, run directories and inference inputs.
+
+Each :class:`BadInput` breaks one thing in a fresh :class:`Workspace` and returns the command
+line to run on it; ``test_bad_inputs.py`` runs every entry and checks the contract: exit
+status 2, a single message that contains ``expect`` (the file or key, and the problem), no
+traceback, and nothing written into a new run directory or changed in an existing one.
+
+Categories: ``config`` (YAML syntax, unknown keys at every level, wrong types, out-of-range
+and non-finite values, wrong choices, ``--set`` overrides, missing data paths), ``dataset``
+(unreadable, truncated, wrong-dimensional or mismatched volumes, bad voxels and labels,
+broken dataset descriptions), ``run_dir`` (unwritable, foreign or damaged run directories, a
+full disk) and ``inference`` (``segnet-evaluate`` and ``segnet-predict`` on bad runs/inputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import gzip
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from segnet.config import ExperimentConfig
+
+from .conftest import write_yaml
+
+IMAGE = "imagesTr/case_000_0000.nii.gz"
+LABEL = "labelsTr/case_000.nii.gz"
+SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig) if f.name != "name")
+
+
+@dataclass
+class Workspace:
+    """Where one entry breaks things.
+
+    Attributes:
+        tmp: the test's own folder.
+        root: a private copy of the tiny dataset.
+        data: the experiment as plain data (the trained run's own, for existing runs).
+        run: the run directory the command uses (a copy of a trained run, or not yet there).
+        out: the output folder of ``segnet-predict``.
+    """
+
+    tmp: Path
+    root: Path
+    data: dict[str, Any]
+    run: Path
+    out: Path
+    config: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.config = self.tmp / "experiment.yaml"
+
+    def train_args(self, *extra: str) -> list[str]:
+        """Writes ``data`` as the config; ``--config ... --run-dir ...`` plus ``extra``."""
+        write_yaml(self.config, self.data)
+        return ["--config", str(self.config), "--run-dir", str(self.run), *extra]
+
+    def fields(self) -> dict[str, str]:
+        return {"tmp": str(self.tmp), "root": str(self.root), "run": str(self.run)} | {
+            "config": str(self.config),
+            "out": str(self.out),
+        }
+
+
+Make = Callable[[Workspace], list[str]]
+Fault = Callable[[pytest.MonkeyPatch, Workspace], None]
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """One malformed input and what its error message must say.
+
+    Attributes:
+        id: the test id.
+        category: ``config``, ``dataset``, ``run_dir`` or ``inference``.
+        make: breaks something in the workspace; returns the command's arguments.
+        expect: substrings of the message (``{root}``, ``{run}``... name workspace paths).
+        program: ``train``, ``evaluate`` or ``predict``.
+        existing_run: the workspace's run directory is a trained run that must stay as it is.
+        forced: runs with ``--force``, which replaces the stored config by design (only the
+            checkpoints and outputs must stay).
+        fault: installed in-process before the command (e.g. a full disk).
+        subprocess: run through ``scripts/<program>.py`` rather than in-process.
+        known_defect: why the entry fails today (reported; marked xfail, strict).
+    """
+
+    id: str
+    category: str
+    make: Make
+    expect: tuple[str, ...]
+    program: str = "train"
+    existing_run: bool = False
+    forced: bool = False
+    fault: Fault | None = None
+    subprocess: bool = False
+    known_defect: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------------------
+def _merge(target: dict[str, Any], changes: dict[str, Any]) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
+def change(*extra: str, **sections: Any) -> Make:
+    """The experiment with ``sections`` merged in (nested mappings merge key by key)."""
+
+    def make(ws: Workspace) -> list[str]:
+        _merge(ws.data, sections)
+        return ws.train_args(*extra)
+
+    return make
+
+
+def config_text(text: str | bytes) -> Make:
+    """A config file with exactly this content."""
+
+    def make(ws: Workspace) -> list[str]:
+        ws.config.write_bytes(text.encode() if isinstance(text, str) else text)
+        return ["--config", str(ws.config), "--run-dir", str(ws.run)]
+
+    return make
+
+
+def dataset(edit: Callable[[Path], None], **sections: Any) -> Make:
+    """The dataset copy edited by ``edit(root)``, and ``sections`` merged into the config."""
+
+    def make(ws: Workspace) -> list[str]:
+        edit(ws.root)
+        return change(**sections)(ws)
+
+    return make
+
+
+def rewrite(rel: str, transform: Callable[[np.ndarray], np.ndarray], affine_shift: float = 0.0):
+    """Rewrites a volume of the dataset with ``transform(array)`` (dtype kept unless changed)."""
+
+    def edit(root: Path) -> None:
+        image = nib.load(root / rel)
+        array = transform(np.asanyarray(image.dataobj))
+        affine = image.affine.copy()
+        affine[0, 3] += affine_shift
+        header = image.header.copy()
+        header.set_data_dtype(array.dtype)
+        nib.save(nib.Nifti1Image(array, affine, header), root / rel)
+
+    return edit
+
+
+def truncate(rel: str) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        path = root / rel
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    return edit
+
+
+def replace_bytes(rel: str, content: bytes) -> Callable[[Path], None]:
+    return lambda root: (root / rel).write_bytes(content)
+
+
+def edit_json(name: str, edit: Callable[[Any], Any]) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        path = root / name
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+    return apply
+
+
+def _set_item(data: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    node: Any = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return data
+
+
+def folders(edit: Callable[[Path], None] = lambda root: None) -> Callable[[Path], None]:
+    """The nnU-Net folder layout alone (dataset.json removed), then ``edit``."""
+
+    def apply(root: Path) -> None:
+        (root / "dataset.json").unlink()
+        edit(root)
+
+    return apply
+
+
+def _empty_folders(root: Path) -> None:
+    for sub in ("imagesTr", "labelsTr"):
+        shutil.rmtree(root / sub)
+        (root / sub).mkdir()
+
+
+def _wipe(root: Path) -> None:
+    shutil.rmtree(root)
+    root.mkdir()
+
+
+def _label_as_directory(root: Path) -> None:
+    (root / LABEL).unlink()
+    (root / LABEL).mkdir()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories and full disks
+# ---------------------------------------------------------------------------------------------
+def run_dir_at(place: Callable[[Workspace], Path]) -> Make:
+    def make(ws: Workspace) -> list[str]:
+        ws.run = place(ws)
+        return ws.train_args()
+
+    return make
+
+
+def _file_at(path: Path) -> Path:
+    path.write_text("not a directory\n")
+    return path
+
+
+def existing(edit: Callable[[Workspace], None], *extra: str, **sections: Any) -> Make:
+    """The trained run, edited by ``edit``, resumed with ``sections`` merged into its config."""
+
+    def make(ws: Workspace) -> list[str]:
+        edit(ws)
+        return change(*extra, **sections)(ws)
+
+    return make
+
+
+def _truncate_checkpoints(ws: Workspace) -> None:
+    for data in (ws.run / "checkpoints").glob("ckpt-*.data-*"):
+        data.write_bytes(data.read_bytes()[:100])
+
+
+def _no_space(where: str) -> Exception:
+    import tensorflow as tf
+
+    # The exception and text TensorFlow gives for ENOSPC (seen on a full tmpfs).
+    return tf.errors.ResourceExhaustedError(None, None, f"{where}; No space left on device")
+
+
+def _full_disk_in_shards(monkeypatch: pytest.MonkeyPatch, ws: Workspace) -> None:
+    """The first checkpoint shard write runs out of space (the shard is half written)."""
+    from tensorflow.python.ops import io_ops
+
+    real = io_ops.save_v2
+
+    def save_v2(prefix: Any, *args: Any, **kwargs: Any) -> Any:
+        real(prefix, *args, **kwargs)
+        raise _no_space(f"{_text(prefix)}.data-00000-of-00001")
+
+    monkeypatch.setattr(io_ops, "save_v2", save_v2)
+
+
+def _full_disk_in_merge(monkeypatch: pytest.MonkeyPatch, ws: Workspace) -> None:
+    """Space runs out while merging a checkpoint's index, as on a real full disk: the data
+    file is already in place and the index half written."""
+    from tensorflow.python.ops import gen_io_ops
+
+    real = gen_io_ops.merge_v2_checkpoints
+
+    def merge(prefixes: Any, destination: Any, *args: Any, **kwargs: Any) -> Any:
+        real(prefixes, destination, *args, **kwargs)
+        index = Path(f"{_text(destination)}.index")
+        index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
+        raise _no_space(str(index))
+
+    monkeypatch.setattr(gen_io_ops, "merge_v2_checkpoints", merge)
+
+
+def _full_disk_in_run_dir(monkeypatch: pytest.MonkeyPatch, ws: Workspace) -> None:
+    """Flushing any file inside the run directory fails with ENOSPC."""
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(ws.run)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _text(value: Any) -> str:
+    raw = value.numpy() if hasattr(value, "numpy") else value
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+MERGE_DEFECT = (
+    "segnet.training.checkpoints._remove_partial removes only ckpt-<step>_temp*, so the "
+    "ckpt-<step>.data/.index that a full disk leaves half merged stay in checkpoints/"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference inputs
+# ---------------------------------------------------------------------------------------------
+def evaluate(*args: str, run: Callable[[Workspace], Path] = lambda ws: ws.run) -> Make:
+    return lambda ws: ["--run", str(run(ws)), *(a.format(**ws.fields()) for a in args)]
+
+
+def predict(
+    write_input: Callable[[Workspace], Path], output: Callable[[Workspace], Path] | None = None
+) -> Make:
+    def make(ws: Workspace) -> list[str]:
+        target = ws.out if output is None else output(ws)
+        inputs = ["--input", str(write_input(ws)), "--output", str(target)]
+        return ["--run", str(ws.run), *inputs, "--quiet"]  # quiet: the failures alone
+
+    return make
+
+
+def _scan(ws: Workspace, array: np.ndarray | None = None, name: str = "scan.nii.gz") -> Path:
+    source = nib.load(ws.root / IMAGE)
+    data = np.asanyarray(source.dataobj) if array is None else array
+    path = ws.tmp / "inputs" / name
+    path.parent.mkdir(exist_ok=True)
+    nib.save(nib.Nifti1Image(data.astype(np.float32), source.affine), path)
+    return path
+
+
+def _nan_scan(ws: Workspace) -> Path:
+    image = np.asanyarray(nib.load(ws.root / IMAGE).dataobj).astype(np.float32)
+    image[3, 4, 5] = np.nan
+    return _scan(ws, image)
+
+
+def _not_nifti(ws: Workspace) -> Path:
+    path = ws.tmp / "inputs" / "scan.nii.gz"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("a text file with a NIfTI name\n")
+    return path
+
+
+def _truncated_copy(ws: Workspace) -> str:
+    truncate(LABEL)(ws.root)
+    return str(ws.root)
+
+
+def _evaluate_on_truncated_labels(ws: Workspace) -> list[str]:
+    truncate(LABEL)(ws.root)
+    return evaluate("--data", "{root}", "--checkpoint", "latest")(ws)
+
+
+_LIST_CASES = {"format": "list", "split": {"folds_file": None, "val": ["case_001"]}}
+_CASE = {"id": "case_000", "images": [IMAGE], "label": LABEL}
+_UNKNOWN_EVERYWHERE = {name: {"bogus": 1} for name in SECTIONS}
+
+# ---------------------------------------------------------------------------------------------
+# The corpus
+# ---------------------------------------------------------------------------------------------
+# fmt: off
+CONFIG = [
+    BadInput("yaml-unclosed-bracket", "config", config_text("train:\n  epochs: [1, 2\nmodel: {}\n"), ("{config}", "invalid YAML at line"), subprocess=True),
+    BadInput("yaml-tab-indentation", "config", config_text("train:\n\tepochs: 3\n"), ("{config}", "invalid YAML at line 2")),
+    BadInput("yaml-top-level-list", "config", config_text("- data\n- model\n"), ("{config}", "the top level must be a mapping")),
+    BadInput("yaml-not-utf8", "config", config_text(b"name: caf\xe9\n"), ("cannot read config file {config}",)),
+    BadInput("config-file-missing", "config", lambda ws: ["--config", str(ws.tmp / "missing.yaml")], ("config file not found", "missing.yaml")),
+    BadInput("config-is-a-directory", "config", lambda ws: ["--config", str(ws.root)], ("cannot read config file {root}",)),
+    BadInput("unknown-top-level-key", "config", change(trian={"epochs": 2}), ("trian: unknown key (did you mean 'train'?)",)),
+    BadInput("unknown-data-key", "config", change(data={"rooot": "x"}), ("data.rooot: unknown key (did you mean 'root'?)",)),
+    BadInput("unknown-split-key", "config", change(data={"split": {"folds": 3}}), ("data.split.folds: unknown key",)),
+    BadInput("unknown-model-key", "config", change(model={"segnet": {"filterz": 8}}), ("model.segnet.filterz: unknown key (did you mean 'filters'?)",)),
+    BadInput("unknown-cascade-stage-key", "config", change(model={"unet3d_cascade": {"low": {"depht": 2}}}), ("model.unet3d_cascade.low.depht: unknown key (did you mean 'depth'?)",)),
+    BadInput("unknown-case-entry-key", "config", change(data={**_LIST_CASES, "cases": [{**_CASE, "imgs": []}]}), ("data.cases[0].imgs: unknown key",)),
+    BadInput("unknown-key-in-every-section", "config", change(**_UNKNOWN_EVERYWHERE), tuple(f"{s}.bogus: unknown key" for s in SECTIONS)),
+    BadInput("not-an-integer", "config", change(train={"epochs": "ten"}), ("train.epochs: expected an integer, got 'ten'",)),
+    BadInput("not-a-boolean", "config", change(train={"deterministic": "yes"}), ("train.deterministic: expected true/false",)),
+    BadInput("not-a-list", "config", change(data={"patch_size": 16}), ("data.patch_size: expected a list of 3 values",)),
+    BadInput("section-not-a-mapping", "config", change(model=5), ("model: expected a mapping of settings, got 5",)),
+    BadInput("list-too-short", "config", change(data={"patch_size": [16, 16]}), ("data.patch_size: expected a list of 3 values", "got 2 values")),
+    BadInput("bad-list-item", "config", change(data={"patch_size": [16, "x", 16]}), ("data.patch_size[1]: expected an integer",)),
+    BadInput("nan-learning-rate", "config", change(optimizer={"learning_rate": float("nan")}), ("optimizer.learning_rate: expected a finite number, got nan",)),
+    BadInput("infinite-clip-norm", "config", change(optimizer={"clip_norm": float("inf")}), ("optimizer.clip_norm: expected a finite number, got inf",)),
+    BadInput("float-beyond-double-range", "config", change(optimizer={"weight_decay": 10**400}), ("optimizer.weight_decay: expected a finite number",)),
+    BadInput("negative-learning-rate", "config", change(optimizer={"learning_rate": -1}), ("optimizer.learning_rate: must be positive, got -1",)),
+    BadInput("probability-above-one", "config", change(augmentation={"flip_prob": 2}), ("augmentation.flip_prob: must be a probability in [0, 1], got 2",)),
+    BadInput("zero-epochs", "config", change(train={"epochs": 0}), ("train.epochs: must be at least 1, got 0",)),
+    BadInput("fold-out-of-range", "config", change(data={"split": {"folds_file": None, "fold": 9}}), ("data.split.fold: must be in 0..4, got 9",)),
+    BadInput("train-seed-negative", "config", change(train={"seed": -1}), ("train.seed: must be in 0..4294967295, got -1",)),
+    BadInput("train-seed-too-large", "config", change(train={"seed": 2**40}), ("train.seed: must be in 0..4294967295",)),
+    BadInput("split-seed-negative", "config", change(data={"split": {"folds_file": None, "seed": -1}}), ("data.split.seed: must be in 0..4294967295, got -1",)),
+    BadInput("unknown-optimizer", "config", change(optimizer={"name": "adam"}), ("optimizer.name: must be one of 'sgd', 'adamw', got 'adam'",)),
+    BadInput("unknown-model", "config", change(model={"name": "segnett"}), ("model.name: unknown model 'segnett' (did you mean 'segnet'?)",)),
+    BadInput("bad-int-choice", "config", change(model={"unet3d": {"input_downsample": 3}}), ("model.unet3d.input_downsample: must be one of 1, 2, 4, got 3",)),
+    BadInput("patch-not-divisible", "config", change(model={"name": "unet3d", "unet3d": {"depth": 2}}, data={"patch_size": [17, 16, 16]}), ("data.patch_size: [17, 16, 16] must be divisible by 4",)),
+    BadInput("class-weights-length", "config", change(loss={"class_weights": [1.0, 2.0]}), ("loss.class_weights: needs 3 values (data.num_classes), got 2",)),
+    BadInput("set-unknown-key", "config", change("--set", "train.epohcs=3"), ("train.epohcs: unknown key (did you mean 'epochs'?)",)),
+    BadInput("set-without-equals", "config", change("--set", "trainepochs"), ("--set 'trainepochs': expected key.path=value",)),
+    BadInput("set-invalid-yaml-value", "config", change("--set", "train.epochs=[1"), ("--set train.epochs: value is not valid YAML",)),
+    BadInput("data-root-missing", "config", lambda ws: change(data={"root": str(ws.tmp / "no-such-dataset")})(ws), ("data.root: dataset folder not found: {tmp}/no-such-dataset",)),
+    BadInput("folds-file-missing", "config", change(data={"split": {"folds_file": "nope.json"}}), ("data.split.folds_file: not found: {root}/nope.json",)),
+    BadInput("case-list-file-missing", "config", change(data={**_LIST_CASES, "cases": [{**_CASE, "images": ["imagesTr/ghost.nii.gz"]}]}), ("data.cases[0] (case_000): file not found: {root}/imagesTr/ghost.nii.gz",)),
+    BadInput("split-val-unknown-ids", "config", change(data={"split": {"folds_file": None, "val": ["nope"]}}), ("data.split.val: case ids not in the dataset: ['nope']",)),
+    BadInput("fold-not-in-folds-file", "config", change(data={"split": {"fold": 3}}), ("data.split.fold: fold 3 is not in {root}/folds.json",)),
+]
+
+DATASET = [
+    BadInput("label-truncated", "dataset", dataset(truncate(LABEL)), ("{root}/" + LABEL, "truncated"), subprocess=True),
+    BadInput("image-truncated", "dataset", dataset(truncate(IMAGE)), ("{root}/" + IMAGE, "truncated")),
+    BadInput("image-not-nifti", "dataset", dataset(replace_bytes(IMAGE, b"just text\n")), ("{root}/" + IMAGE, "not a readable NIfTI file")),
+    BadInput("label-gzip-of-garbage", "dataset", dataset(replace_bytes(LABEL, gzip.compress(b"garbage" * 99))), ("{root}/" + LABEL, "not a readable NIfTI file")),
+    BadInput("label-empty-file", "dataset", dataset(replace_bytes(LABEL, b"")), ("{root}/" + LABEL,)),
+    BadInput("label-is-a-directory", "dataset", dataset(_label_as_directory), ("label file not found: {root}/" + LABEL,)),
+    BadInput("image-2d", "dataset", dataset(rewrite(IMAGE, lambda a: a[:, :, 9])), ("{root}/" + IMAGE, "expected a 3D volume")),
+    BadInput("label-4d", "dataset", dataset(rewrite(LABEL, lambda a: np.stack([a, a], -1))), ("{root}/" + LABEL, "expected a 3D volume")),
+    BadInput("image-two-channels", "dataset", dataset(rewrite(IMAGE, lambda a: np.stack([a, a], -1))), ("case_000: 2 image channels", "data.num_channels is 1")),
+    BadInput("label-shape-mismatch", "dataset", dataset(rewrite(LABEL, lambda a: a[:, :, :-1])), ("{root}/" + LABEL, "shape (17, 18, 18) differs from")),
+    BadInput("label-affine-mismatch", "dataset", dataset(rewrite(LABEL, lambda a: a, affine_shift=2.0)), ("{root}/" + LABEL, "affine differs")),
+    BadInput("image-nan-voxels", "dataset", dataset(rewrite(IMAGE, lambda a: np.where(a > a.mean(), np.nan, a))), ("{root}/" + IMAGE, "voxels are NaN or infinite")),
+    BadInput("image-inf-voxel", "dataset", dataset(rewrite(IMAGE, lambda a: np.where(a == a.max(), np.inf, a))), ("{root}/" + IMAGE, "1 voxels are NaN or infinite")),
+    BadInput("label-nan-voxels", "dataset", dataset(rewrite(LABEL, lambda a: np.where(a == 1, np.nan, a).astype(np.float32))), ("{root}/" + LABEL, "label voxels are NaN or infinite")),
+    BadInput("label-fractional", "dataset", dataset(rewrite(LABEL, lambda a: np.where(a == 1, 0.5, a).astype(np.float32))), ("{root}/" + LABEL, "non-integer label values, e.g. [0.5]")),
+    BadInput("label-beyond-num-classes", "dataset", dataset(rewrite(LABEL, lambda a: np.where(a == 1, 7, a).astype(np.uint8))), ("{root}/" + LABEL, "label values [7] outside 0..2")),
+    BadInput("label-negative", "dataset", dataset(rewrite(LABEL, lambda a: np.where(a == 1, -1, a.astype(np.int16)))), ("{root}/" + LABEL, "label values [-1] outside 0..2")),
+    BadInput("channel-file-missing", "dataset", dataset(folders(), data={"format": "folders", "num_channels": 2}), ("{root}/imagesTr: case 'case_000' is missing channel files ['case_000_0001']",)),
+    BadInput("channel-file-extra", "dataset", dataset(folders(lambda r: shutil.copy(r / IMAGE, r / "imagesTr/case_000_0001.nii.gz"))), ("case 'case_000' has channel files [1] beyond data.num_channels=1",)),
+    BadInput("label-file-missing", "dataset", dataset(folders(lambda r: (r / LABEL).unlink())), ("{root}/labelsTr: no label file for case 'case_000'",)),
+    BadInput("label-without-image", "dataset", dataset(folders(lambda r: shutil.copy(r / LABEL, r / "labelsTr/orphan.nii.gz"))), ("{root}/labelsTr/orphan: label without image files",)),
+    BadInput("image-without-channel-suffix", "dataset", dataset(folders(lambda r: shutil.copy(r / IMAGE, r / "imagesTr/case_009.nii.gz"))), ("{root}/imagesTr/case_009.nii.gz: image name lacks the channel suffix _0000",)),
+    BadInput("empty-folders", "dataset", dataset(folders(_empty_folders)), ("{root}: no train cases found",)),
+    BadInput("empty-dataset-root", "dataset", dataset(_wipe), ("{root}/imagesTr: folder not found",)),
+    BadInput("duplicate-case-ids", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("training", 1), d["training"][0]))), ("case id 'case_000' appears 2 times",)),
+    BadInput("dataset-json-missing-label", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("training", 0, "label"), "./labelsTr/gone.nii.gz"))), ("dataset.json training[0]: label file not found: {root}/labelsTr/gone.nii.gz",)),
+    BadInput("dataset-json-missing-image", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("training", 2, "image"), "./imagesTr/gone.nii.gz"))), ("dataset.json training[2]: image file not found: {root}/imagesTr/gone.nii.gz",)),
+    BadInput("dataset-json-invalid", "dataset", dataset(replace_bytes("dataset.json", b'{"training": [')), ("{root}/dataset.json: not valid JSON",)),
+    BadInput("dataset-json-not-an-object", "dataset", dataset(replace_bytes("dataset.json", b"[1, 2]")), ("{root}/dataset.json: expected a JSON object",)),
+    BadInput("dataset-json-label-count", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("labels", "3"), "extra"))), ("{root}/dataset.json: defines 4 labels", "data.num_classes is 3")),
+    BadInput("folds-json-malformed", "dataset", dataset(replace_bytes("folds.json", b'{"fold": []}')), ('{root}/folds.json: expected {{"folds": {{"0": [case ids], ...}}}}',)),
+    BadInput("folds-json-unknown-ids", "dataset", dataset(edit_json("folds.json", lambda d: _set_item(d, ("folds", "1", 0), "case_999"))), ("{root}/folds.json: 1 case ids not in the dataset: ['case_999']",)),
+    BadInput("volume-smaller-than-patch", "dataset", dataset(lambda r: None, data={"patch_size": [32, 32, 32], "pad_small_volumes": False}), ("shape (17, 18, 19) is smaller than data.patch_size (32, 32, 32)",)),
+]
+
+RUN_DIR = [
+    BadInput("run-dir-is-a-file", "run_dir", run_dir_at(lambda ws: _file_at(ws.tmp / "run-file")), ("--run-dir {tmp}/run-file is a file, not a directory",)),
+    BadInput("run-dir-under-a-file", "run_dir", run_dir_at(lambda ws: _file_at(ws.tmp / "plain-file") / "run"), ("--run-dir {tmp}/plain-file/run: {tmp}/plain-file is a file, not a directory",), subprocess=True),
+    BadInput("run-dir-in-proc", "run_dir", run_dir_at(lambda ws: Path("/proc/segnet-reliability/run")), ("/proc/segnet-reliability/run",)),
+    BadInput("different-experiment", "run_dir", existing(lambda ws: None, train={"epochs": 2}), ("{run}/config.yaml holds a different experiment (train.epochs: 1 -> 2)", "--force"), existing_run=True),
+    BadInput("config-not-a-segnet-config", "run_dir", existing(lambda ws: (ws.run / "config.yaml").write_text("- a list\n")), ("{run}/config.yaml is not a readable segnet config",), existing_run=True),
+    BadInput("every-checkpoint-unreadable", "run_dir", existing(_truncate_checkpoints), ("{run}/checkpoints: no checkpoint can be read",), existing_run=True),
+    BadInput("checkpoint-of-another-model", "run_dir", existing(lambda ws: None, "--force", model={"segnet": {"filters": 8}}), ("does not fit this model",), existing_run=True, forced=True),
+    BadInput("disk-full-writing-config", "run_dir", change(), ("{run}: no space left on the device",), fault=_full_disk_in_run_dir),
+    BadInput("disk-full-in-checkpoint-shards", "run_dir", existing(lambda ws: None, "--force", train={"epochs": 2}), ("{run}/checkpoints: no space left on the device",), existing_run=True, forced=True, fault=_full_disk_in_shards),
+    BadInput("disk-full-in-checkpoint-merge", "run_dir", existing(lambda ws: None, "--force", train={"epochs": 2}), ("{run}/checkpoints: no space left on the device",), existing_run=True, forced=True, fault=_full_disk_in_merge, known_defect=MERGE_DEFECT),
+]
+
+INFERENCE = [
+    BadInput("evaluate-run-missing", "inference", evaluate(run=lambda ws: ws.tmp / "no-run"), ("--run {tmp}/no-run: run directory not found",), program="evaluate"),
+    BadInput("evaluate-not-a-run", "inference", evaluate(run=lambda ws: ws.root), ("--run {root}: not a segnet run directory",), program="evaluate"),
+    BadInput("evaluate-unknown-checkpoint", "inference", evaluate("--checkpoint", "ckpt-999"), ("--checkpoint ckpt-999: no checkpoint there",), program="evaluate", existing_run=True, subprocess=True),
+    BadInput("evaluate-set-training-key", "inference", evaluate("--set", "train.epochs=3"), ("--set train.epochs: cannot change after training",), program="evaluate", existing_run=True),
+    BadInput("evaluate-data-truncated-label", "inference", _evaluate_on_truncated_labels, ("{root}/" + LABEL, "truncated"), program="evaluate", existing_run=True),
+    BadInput("predict-input-missing", "inference", predict(lambda ws: ws.tmp / "absent.nii.gz"), ("{tmp}/absent.nii.gz: not found",), program="predict", existing_run=True),
+    BadInput("predict-input-not-nifti", "inference", predict(_not_nifti), ("{tmp}/inputs/scan.nii.gz", "not a readable NIfTI file"), program="predict", existing_run=True, subprocess=True),
+    BadInput("predict-input-2d", "inference", predict(lambda ws: _scan(ws, np.zeros((17, 18), np.float32))), ("{tmp}/inputs/scan.nii.gz", "expected a 3D volume"), program="predict", existing_run=True),
+    BadInput("predict-input-nan", "inference", predict(_nan_scan), ("scan.nii.gz: 1 voxels are NaN or infinite",), program="predict", existing_run=True),
+    BadInput("predict-output-is-a-file", "inference", predict(_scan, lambda ws: _file_at(ws.tmp / "out-file")), ("--output {tmp}/out-file: is a file, not a folder",), program="predict", existing_run=True),
+    BadInput("predict-output-under-a-file", "inference", predict(_scan, lambda ws: _file_at(ws.tmp / "out-file") / "out"), ("--output {tmp}/out-file/out: cannot create the folder",), program="predict", existing_run=True),
+]
+# fmt: on
+
+CORPUS = CONFIG + DATASET + RUN_DIR + INFERENCE
+CATEGORIES = {"config": CONFIG, "dataset": DATASET, "run_dir": RUN_DIR, "inference": INFERENCE}
