@@ -70,7 +70,7 @@ class WarmupDecaySchedule(keras.optimizers.schedules.LearningRateSchedule):
         elif self.decay == "cosine":
             decayed = peak * 0.5 * (1.0 + ops.cos(math.pi * progress))
         else:
-            decayed = peak + 0.0 * progress
+            decayed = ops.full_like(progress, peak)
         if self.warmup_steps == 0:
             return decayed
         warm = peak * step / float(self.warmup_steps)

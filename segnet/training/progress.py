@@ -117,9 +117,9 @@ class EpochBar:
         )
 
     def update(self, stats: EpochStats) -> None:
+        # tqdm shows steps per second itself, from wall time between updates.
         self._bar.set_postfix_str(
-            f"loss {stats.loss:.4f} dice {stats.dice:.3f} "
-            f"{stats.steps_per_second:.2f} step/s wait {stats.data_wait:.0%}",
+            f"loss {stats.loss:.4f} dice {stats.dice:.3f} data wait {stats.data_wait:.0%}",
             refresh=False,
         )
         self._bar.update(1)
