@@ -177,10 +177,17 @@ def _save_error(exc: OSError | tf.errors.OpError, directory: Path) -> Exception:
 
 
 def _remove_partial(directory: Path, step: int) -> None:
-    # TensorFlow writes shards into ckpt-<step>_temp/ before merging them; a failed save leaves
-    # them behind, taking the space the user needs back.
+    """Deletes what a failed save of ``ckpt-<step>`` left, giving the user the space back.
+
+    TensorFlow writes shards into ``ckpt-<step>_temp/`` and then merges them into
+    ``ckpt-<step>.index`` and ``.data-*``; a full disk can stop it at either stage. The merged
+    files go only when they do not read back, so an intact earlier save of the same step stays.
+    """
     for leftover in directory.glob(f"ckpt-{step}_temp*"):
         shutil.rmtree(leftover, ignore_errors=True)
+    if verify_checkpoint(str(directory / f"ckpt-{step}")) is not None:
+        for part in directory.glob(f"ckpt-{step}.*"):  # .index and .data-*-of-*
+            part.unlink(missing_ok=True)
 
 
 def checkpoint_candidates(directory: Path) -> list[str]:

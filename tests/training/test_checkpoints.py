@@ -8,11 +8,13 @@ import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlo
 import errno
 import logging
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.ops import gen_io_ops
 
 from segnet.errors import RunDirError
 from segnet.training.checkpoints import (
@@ -161,30 +163,47 @@ def test_unparsable_state_file_finds_checkpoints_by_their_files(tmp_path: Path) 
     assert checkpoint_candidates(tmp_path) == [str(tmp_path / "ckpt-12"), str(tmp_path / "ckpt-3")]
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        OSError(errno.ENOSPC, "No space left on device"),
-        tf.errors.ResourceExhaustedError(None, None, "ckpt_temp; No space left on device"),
-    ],
-)
-def test_full_disk_keeps_previous_checkpoints(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+def _no_space(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _no_space_in_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills while TensorFlow merges the shards: data in place, half an index."""
+    real = gen_io_ops.merge_v2_checkpoints
+
+    def merge(prefixes: Any, destination: Any, *args: Any, **kwargs: Any) -> Any:
+        real(prefixes, destination, *args, **kwargs)
+        index = Path(f"{destination.numpy().decode()}.index")
+        index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
+        raise tf.errors.ResourceExhaustedError(None, None, f"{index}; No space left on device")
+
+    monkeypatch.setattr(gen_io_ops, "merge_v2_checkpoints", merge)
+
+
+def _no_space_in_shards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills while the shards are written: ckpt-<step>_temp/ is left behind."""
+
+    def save(self: tf.train.CheckpointManager, checkpoint_number: int) -> str:
+        (Path(self.directory) / f"ckpt-{checkpoint_number}_temp").mkdir()
+        _no_space()
+        return ""
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+
+
+@pytest.mark.parametrize("fault", [_no_space_in_merge, _no_space_in_shards])
+def test_full_disk_keeps_previous_checkpoints_and_removes_the_partial_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault
 ) -> None:
     checkpoints = _checkpoints(tmp_path, _objects(0))
     checkpoints.save(1)
-    (tmp_path / "ckpt-2_temp").mkdir()  # what an interrupted sharded save leaves behind
-
-    def full(*args: object, **kwargs: object) -> str:
-        raise error
-
-    monkeypatch.setattr(checkpoints.latest, "save", full)
+    fault(monkeypatch)
     with pytest.raises(RunDirError, match="no space left on the device") as caught:
         checkpoints.save(2)
     assert "\n" not in str(caught.value) and "kept" in str(caught.value)
     assert checkpoint_candidates(tmp_path) == [str(tmp_path / "ckpt-1")]
     assert verify_checkpoint(str(tmp_path / "ckpt-1")) is None
-    assert not (tmp_path / "ckpt-2_temp").exists()
+    assert not list(tmp_path.glob("ckpt-2*"))
 
 
 def test_checkpoint_of_another_architecture_is_a_run_dir_error(tmp_path: Path) -> None:
