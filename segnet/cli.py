@@ -63,6 +63,13 @@ def _report_user_errors(
 ) -> int:
     try:
         return body(args)
+    except KeyboardInterrupt:
+        # Training handles SIGINT itself at step boundaries; this is Ctrl-C anywhere else
+        # (start-up, preprocessing, inference), where nothing half-written is kept.
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except UserError as exc:
         if args.debug:
             traceback.print_exc()

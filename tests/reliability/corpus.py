@@ -300,12 +300,6 @@ def _text(value: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-MERGE_DEFECT = (
-    "segnet.training.checkpoints._remove_partial removes only ckpt-<step>_temp*, so the "
-    "ckpt-<step>.data/.index that a full disk leaves half merged stay in checkpoints/"
-)
-
-
 # ---------------------------------------------------------------------------------------------
 # Inference inputs
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +449,7 @@ RUN_DIR = [
     BadInput("checkpoint-of-another-model", "run_dir", existing(lambda ws: None, "--force", model={"segnet": {"filters": 8}}), ("does not fit this model",), existing_run=True, forced=True),
     BadInput("disk-full-writing-config", "run_dir", change(), ("{run}: no space left on the device",), fault=_full_disk_in_run_dir),
     BadInput("disk-full-in-checkpoint-shards", "run_dir", existing(lambda ws: None, "--force", train={"epochs": 2}), ("{run}/checkpoints: no space left on the device",), existing_run=True, forced=True, fault=_full_disk_in_shards),
-    BadInput("disk-full-in-checkpoint-merge", "run_dir", existing(lambda ws: None, "--force", train={"epochs": 2}), ("{run}/checkpoints: no space left on the device",), existing_run=True, forced=True, fault=_full_disk_in_merge, known_defect=MERGE_DEFECT),
+    BadInput("disk-full-in-checkpoint-merge", "run_dir", existing(lambda ws: None, "--force", train={"epochs": 2}), ("{run}/checkpoints: no space left on the device",), existing_run=True, forced=True, fault=_full_disk_in_merge),
 ]
 
 INFERENCE = [
