@@ -31,6 +31,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _override_flag(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. {example}",
+    )
+
+
 def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and TF logs")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
@@ -96,14 +107,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="segnet-train", description="Train (or resume) a segmentation model.")
     parser.add_argument("--config", type=Path, help="experiment YAML (see configs/)")
     parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<name>)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. train.epochs=5",
-    )
+    _override_flag(parser, "train.epochs=5")
     parser.add_argument(
         "--print-config",
         action="store_true",
@@ -152,14 +156,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
         help="a config YAML or a dataset directory to evaluate on instead of "
         "the run's held-out split",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override evaluation settings, e.g. evaluation.overlap=0.25",
-    )
+    _override_flag(parser, "evaluation.overlap=0.25")
     _common_flags(parser)
     return parser
 
@@ -198,14 +195,7 @@ def predict_parser() -> argparse.ArgumentParser:
         help="image files or directories (nnU-Net channel suffixes _0000...)",
     )
     parser.add_argument("--output", type=Path, required=True, help="output directory")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override evaluation settings",
-    )
+    _override_flag(parser, "evaluation.mirror_axes=[0,1,2]")
     _common_flags(parser)
     return parser
 
