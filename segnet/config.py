@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from segnet.errors import ConfigError
-from segnet.strict_dataclass import from_dict, set_path, to_dict
+from segnet.strict_dataclass import from_dict, set_path, suggest, to_dict
 
 Problems = list[tuple[str, str]]
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (keras.utils.set_random_seed) takes no more
@@ -294,8 +294,6 @@ class ModelConfig:
     def validate(self) -> Problems:
         names = [f.name for f in dataclasses.fields(self) if f.name != "name"]
         if self.name not in names:
-            from segnet.strict_dataclass import suggest
-
             return [("name", f"unknown model '{self.name}'{suggest(self.name, names)}")]
         return []
 

@@ -69,13 +69,9 @@ def dataset_root(data: DataConfig) -> Path:
     Raises:
         DataError: the root does not exist (with a hint on how to fix it).
     """
-    root = Path(data.root).expanduser().absolute()
-    for alternative in data.root_alternatives:
-        if root.exists():
-            break
-        root = Path(alternative).expanduser().absolute()
-    if data.root_alternatives and not root.exists():
-        root = Path(data.root).expanduser().absolute()  # report the primary location
+    candidates = [Path(p).expanduser().absolute() for p in (data.root, *data.root_alternatives)]
+    # The first location that exists; otherwise the primary one, to generate or report.
+    root = next((path for path in candidates if path.exists()), candidates[0])
     if data.synthetic and not root.exists():
         from segnet.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 
