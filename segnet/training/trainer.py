@@ -141,18 +141,19 @@ def train(
     data = load_training_data(config)
     check_training_cases(config, data.train, model_spatial_dims(config))
     resuming = check_run_dir(run_dir, config, force)
-    if cluster.is_chief:
-        initialise_run_dir(run_dir, config)
-        _write_fingerprint(run_dir, data.fingerprint)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_precision_policy(config.runtime.precision))
         write_dir = stack.enter_context(WriteDir(run_dir, cluster.is_chief, cluster.worker_index))
-        if cluster.is_chief:
-            stack.enter_context(_log_file(run_dir / "train.log"))
         stop = stack.enter_context(StopRequest())
+        # Building the model restores the checkpoints, which fails when a --force'd config no
+        # longer fits them; nothing is written before that, so the stored config stays true.
+        session = _Session(config, cluster, data, run_dir, write_dir.path, stop)
+        if cluster.is_chief:
+            initialise_run_dir(run_dir, config)
+            _write_fingerprint(run_dir, data.fingerprint)
+            stack.enter_context(_log_file(run_dir / "train.log"))
         log.info("%s %s", "resuming" if resuming else "starting", run_dir)
-        session = _Session(config, cluster, data, run_dir, write_dir.path, stop, quiet)
-        return session.run()
+        return session.run(quiet)
 
 
 def model_spatial_dims(config: ExperimentConfig) -> int:
@@ -203,7 +204,6 @@ class _Session:
         run_dir: Path,
         write_dir: Path,
         stop: StopRequest,
-        quiet: bool,
     ) -> None:
         self.config, self.cluster, self.data = config, cluster, data
         self.run_dir, self.stop = run_dir, stop
@@ -214,17 +214,15 @@ class _Session:
             self.model = build_model(config)
             self.optimizer = build_optimizer(config)
             self.optimizer.build(self.model.trainable_variables)
-        if config.runtime.sync_batchnorm:
-            count = synchronize_batchnorm(self.model)
-            log.info("BatchNorm synchronised across replicas in %d layers", count)
+        self.synchronised_batchnorms = (
+            synchronize_batchnorm(self.model) if config.runtime.sync_batchnorm else 0
+        )
         checkpoint = build_checkpoint(self.model, self.optimizer, self.state)
         self.checkpoints = Checkpoints(
             checkpoint, run_dir / "checkpoints", write_dir / "checkpoints", config.checkpoint.keep
         )
-        restored = self.checkpoints.restore()
-        if restored:
-            log.info("restored %s (step %d)", restored, self.step)
-        self.last_saved = self.step if restored else -1
+        self.restored = self.checkpoints.restore()
+        self.last_saved = self.step if self.restored else -1
         self.train_step = make_train_step(
             self.model,
             self.optimizer,
@@ -234,15 +232,7 @@ class _Session:
             clip_norm=config.optimizer.clip_norm,
             jit_compile=config.runtime.jit_compile,
         )
-        self.batches = self._batches()
         self.predict_fn = make_predict_fn(self.model)
-        self.reporter = Reporter(
-            run_dir if cluster.is_chief else None,
-            config.data.num_classes,
-            first_epoch=int(self.state.epochs_done),
-            log_every=config.runtime.log_every_steps,
-            show_bars=is_interactive(quiet) and cluster.is_chief,
-        )
 
     @property
     def step(self) -> int:
@@ -260,7 +250,22 @@ class _Session:
         return iter(self.cluster.strategy.experimental_distribute_dataset(dataset))
 
     # --- The loop ----------------------------------------------------------------------------
-    def run(self) -> TrainResult:
+    def run(self, quiet: bool) -> TrainResult:
+        """Trains to the configured length; the run directory is initialised by now."""
+        if self.synchronised_batchnorms:
+            log.info(
+                "BatchNorm synchronised across replicas in %d layers", self.synchronised_batchnorms
+            )
+        if self.restored:
+            log.info("restored %s (step %d)", self.restored, self.step)
+        self.batches = self._batches()
+        self.reporter = Reporter(
+            self.run_dir if self.cluster.is_chief else None,
+            self.config.data.num_classes,
+            first_epoch=int(self.state.epochs_done),
+            log_every=self.config.runtime.log_every_steps,
+            show_bars=is_interactive(quiet) and self.cluster.is_chief,
+        )
         train = self.config.train
         first_step = self.step
         try:

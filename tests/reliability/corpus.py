@@ -87,8 +87,9 @@ class BadInput:
         expect: substrings of the message (``{root}``, ``{run}``... name workspace paths).
         program: ``train``, ``evaluate`` or ``predict``.
         existing_run: the workspace's run directory is a trained run that must stay as it is.
-        forced: runs with ``--force``, which replaces the stored config by design (only the
-            checkpoints and outputs must stay).
+        forced: runs with ``--force`` and gets as far as training, which replaces the stored
+            config by design (only the checkpoints and outputs must stay). A forced config
+            that does not fit the checkpoints fails before writing, so it leaves ``forced`` off.
         fault: installed in-process before the command (e.g. a full disk).
         subprocess: run through ``scripts/<program>.py`` rather than in-process.
         known_defect: why the entry fails today (reported; marked xfail, strict).
@@ -446,7 +447,7 @@ RUN_DIR = [
     BadInput("different-experiment", "run_dir", existing(lambda ws: None, train={"epochs": 2}), ("{run}/config.yaml holds a different experiment (train.epochs: 1 -> 2)", "--force"), existing_run=True),
     BadInput("config-not-a-segnet-config", "run_dir", existing(lambda ws: (ws.run / "config.yaml").write_text("- a list\n")), ("{run}/config.yaml is not a readable segnet config",), existing_run=True),
     BadInput("every-checkpoint-unreadable", "run_dir", existing(_truncate_checkpoints), ("{run}/checkpoints: no checkpoint can be read",), existing_run=True),
-    BadInput("checkpoint-of-another-model", "run_dir", existing(lambda ws: None, "--force", model={"segnet": {"filters": 8}}), ("does not fit this model",), existing_run=True, forced=True),
+    BadInput("checkpoint-of-another-model", "run_dir", existing(lambda ws: None, "--force", model={"segnet": {"filters": 8}}), ("does not fit this model",), existing_run=True),
     BadInput("disk-full-writing-config", "run_dir", change(), ("{run}: no space left on the device",), fault=_full_disk_in_run_dir),
     BadInput("disk-full-in-checkpoint-shards", "run_dir", existing(lambda ws: None, "--force", train={"epochs": 2}), ("{run}/checkpoints: no space left on the device",), existing_run=True, forced=True, fault=_full_disk_in_shards),
     BadInput("disk-full-in-checkpoint-merge", "run_dir", existing(lambda ws: None, "--force", train={"epochs": 2}), ("{run}/checkpoints: no space left on the device",), existing_run=True, forced=True, fault=_full_disk_in_merge),

@@ -83,7 +83,7 @@ def _untracked(entry: BadInput) -> re.Pattern[str]:
 
 def _contents(files: dict[str, tuple]) -> dict[str, tuple]:
     """Checkpoints, exports and metrics by content and mtime; the rest by content alone (a
-    resume rewrites config.yaml and fingerprint.json, same bytes, before it restores)."""
+    resume rewrites config.yaml and fingerprint.json with the same bytes)."""
     return {path: value if path.startswith(OUTPUTS) else value[:2] for path, value in files.items()}
 
 
