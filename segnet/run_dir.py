@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,27 +28,13 @@ import yaml
 
 from segnet.config import ExperimentConfig, build_config, config_to_dict, config_to_yaml
 from segnet.errors import ConfigError, RunDirError
+from segnet.files import atomic_write_text
 
 CONFIG_NAME = "config.yaml"
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:
     return Path("runs") / config.name
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` so that readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def explain_os_error(exc: OSError, path: Path) -> RunDirError:

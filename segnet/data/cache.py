@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from segnet.files import ensure_writable_dir
 from segnet.config import ExperimentConfig
 from segnet.data.case import PreprocessedCase
 from segnet.data.datasets import CaseFiles
@@ -95,19 +96,8 @@ def _case_dir(root: Path, case: CaseFiles) -> Path:
     return root / f"{safe}-{files[:12]}"
 
 
-def _writable_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(
-            f"cannot create the cache folder {path}: {exc.strerror}; set "
-            "data.cache_dir to a writable folder"
-        ) from None
-    if not os.access(path, os.W_OK):
-        raise UserError(
-            f"cache folder {path} is not writable; set data.cache_dir to a writable folder"
-        )
-    return path
+def _cache_folder(path: Path) -> Path:
+    return ensure_writable_dir(path, "cache folder", "set data.cache_dir to a writable folder")
 
 
 def _remove_abandoned(root: Path, min_age_s: float = 3600.0) -> None:
@@ -220,7 +210,7 @@ def prepare_cases(
         DataError: a case's files cannot be read.
     """
     if config.preprocessing.use_cache:
-        root = _writable_dir(Path(config.data.cache_dir) / settings_hash(config, fingerprint))
+        root = _cache_folder(Path(config.data.cache_dir) / settings_hash(config, fingerprint))
         _remove_abandoned(root)
     else:
         root = _temporary_root()
@@ -258,7 +248,7 @@ def load_or_compute_fingerprint(
             "files": [_file_stats(c.files) for c in train_cases],
         }
     )
-    path = _writable_dir(Path(config.data.cache_dir) / "fingerprints") / f"{key}.json"
+    path = _cache_folder(Path(config.data.cache_dir) / "fingerprints") / f"{key}.json"
     try:
         return DatasetFingerprint.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, UserError):

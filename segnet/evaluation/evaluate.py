@@ -43,16 +43,15 @@ from segnet.data.volumes import read_volume
 from segnet.errors import ConfigError, UserError
 from segnet.evaluation import report
 from segnet.evaluation.montage import write_montage
+from segnet.files import atomic_write_text, ensure_writable_dir
 from segnet.inference import loading
 from segnet.inference.predict import (
     Predictor,
     load_predictor,
-    prepare_output_dir,
     read_case,
     write_segmentation,
 )
 from segnet.metrics import ClassMetrics, compute_case_metrics, summarize
-from segnet.run_dir import atomic_write_text
 from segnet.training.progress import is_interactive
 
 log = logging.getLogger("segnet")
@@ -84,7 +83,9 @@ def evaluate_run(
     run_dir = Path(run_dir)
     config = loading.load_run_config(run_dir, overrides)
     refs = loading.resolve_checkpoints(run_dir, checkpoint, allow_all=True)
-    prepare_output_dir(run_dir / EVALUATION_DIR, "evaluation folder")
+    ensure_writable_dir(
+        run_dir / EVALUATION_DIR, "evaluation folder", "fix the permissions of the run directory"
+    )
     config, cases = evaluation_cases(config, data)
     class_names = dataset_class_names(config)
     results: dict[str, Any] = {}

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from segnet.files import atomic_write_text
 from segnet.metrics import EDGE_CASE_POLICY, ClassMetrics
-from segnet.run_dir import atomic_write_text
 
 # (key in ClassMetrics / summaries, column title, number format) of the printed tables.
 TABLE_METRICS: tuple[tuple[str, str, str], ...] = (

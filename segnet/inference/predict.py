@@ -30,7 +30,6 @@ reason, and skipped; the others are still written.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from segnet.data.datasets import CaseFiles
 from segnet.data.preprocessing import DatasetFingerprint, preprocess, restore_to_original
 from segnet.data.volumes import Geometry, read_channels, write_volume
 from segnet.errors import DataError, UserError
+from segnet.files import ensure_writable_dir
 from segnet.inference import loading
 from segnet.inference.postprocessing import keep_largest_component
 from segnet.inference.sliding_window import probabilities_to_labels, sliding_window_inference
@@ -252,33 +252,6 @@ def _channel_problem(case_id: str, files: dict[int | None, Path], num_channels: 
     )
 
 
-def prepare_output_dir(output_dir: Path, what: str = "--output") -> Path:
-    """Creates ``output_dir`` and checks it can be written, before any work is done.
-
-    Args:
-        output_dir: the folder.
-        what: how error messages name it (the flag, or a description).
-
-    Raises:
-        UserError: it is a file, cannot be created, or is not writable.
-    """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"{what} {output_dir}: is a file, not a folder; choose another path")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(
-            f"{what} {output_dir}: cannot create the folder ({exc.strerror}); fix the "
-            "permissions or choose another path"
-        ) from None
-    if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise UserError(
-            f"{what} {output_dir}: not writable; fix the permissions or choose another folder"
-        )
-    return output_dir
-
-
 def write_segmentation(
     output_dir: Path, case_id: str, segmentation: Segmentation, geometry: Geometry
 ) -> Path:
@@ -325,7 +298,9 @@ def predict_files(
     """
     config = loading.load_run_config(run_dir, overrides)
     ref = loading.resolve_checkpoints(run_dir, checkpoint)[0]
-    output_dir = prepare_output_dir(output_dir)
+    output_dir = ensure_writable_dir(
+        output_dir, "--output", "fix the permissions or choose another folder"
+    )
     cases, failures = collect_cases(inputs, config.data.num_channels)
     if not cases and not failures:
         raise UserError(f"--input {' '.join(map(str, inputs))}: no .nii or .nii.gz files found")

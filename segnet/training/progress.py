@@ -27,7 +27,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
-from segnet.run_dir import atomic_write_text
+from segnet.files import atomic_write_text
 
 log = logging.getLogger("segnet")
 
