@@ -48,7 +48,7 @@ from segnet.errors import DataError, UserError
 from segnet.files import ensure_writable_dir
 from segnet.inference import loading
 from segnet.inference.postprocessing import keep_largest_component
-from segnet.inference.sliding_window import probabilities_to_labels, sliding_window_inference
+from segnet.inference.sliding_window import configured_sliding_window, probabilities_to_labels
 from segnet.training.progress import is_interactive
 from segnet.training.trainer import model_spatial_dims
 from segnet.training.validation import make_predict_fn
@@ -122,31 +122,14 @@ class Predictor:
         return restore_to_original(probabilities, info, order=1)
 
     def _sliding_window(self, image: np.ndarray) -> np.ndarray:
-        evaluation = self.config.evaluation
-        window = tuple(self.config.window)
-        batch_size = evaluation.batch_size
-        if self.spatial_dims == 2:
-            # A 2D window is one slice: batch as many slices as a 3D window holds.
-            batch_size *= window[0]
-            window = (1, window[1], window[2])
         try:
-            return sliding_window_inference(
-                image,
-                self.predict_fn,
-                window,
-                num_classes=self.config.data.num_classes,
-                overlap=evaluation.overlap,
-                weighting=evaluation.weighting,
-                sigma_scale=evaluation.sigma_scale,
-                batch_size=batch_size,
-                mirror_axes=evaluation.mirror_axes,
-                accumulate_on_cpu=evaluation.accumulate_on_cpu,
-                spatial_dims=self.spatial_dims,  # type: ignore[arg-type]
+            return configured_sliding_window(
+                image, self.predict_fn, self.config, spatial_dims=self.spatial_dims
             )
         except tf.errors.ResourceExhaustedError:
             raise InferenceOutOfMemory(
                 f"out of memory predicting a {'x'.join(map(str, image.shape[:3]))} volume; lower "
-                f"evaluation.batch_size ({evaluation.batch_size}) or set "
+                f"evaluation.batch_size ({self.config.evaluation.batch_size}) or set "
                 "evaluation.accumulate_on_cpu=true (--set key=value)"
             ) from None
 

@@ -28,10 +28,13 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import tensorflow as tf
+
+if TYPE_CHECKING:
+    from segnet.config import ExperimentConfig
 
 Window = tuple[int, int, int]
 Position = tuple[int, int, int]
@@ -338,6 +341,46 @@ def sliding_window_inference(
     probabilities = accumulator.result()
     probabilities /= _importance_sum(padded.shape[:3], positions, importance)[..., np.newaxis]
     return probabilities if crop is None else np.ascontiguousarray(probabilities[crop])
+
+
+def configured_sliding_window(
+    volume: np.ndarray,
+    predict_fn: PredictFn,
+    config: ExperimentConfig,
+    *,
+    spatial_dims: int = 3,
+    mirror: bool = True,
+) -> np.ndarray:
+    """:func:`sliding_window_inference` with a run's ``window`` and ``evaluation`` settings.
+
+    Args:
+        volume: (depth, height, width, channels), preprocessed like the training cases.
+        predict_fn: as for :func:`sliding_window_inference`.
+        config: reads ``window``, ``evaluation`` and ``data.num_classes``.
+        spatial_dims: 2 for a model that predicts axial slices, else 3. A 2D window is one
+            slice, so a batch holds as many slices as a 3D window has (the same memory).
+        mirror: apply ``evaluation.mirror_axes``; validation during training turns it off,
+            since ranking checkpoints does not need the up to 8x cost.
+    """
+    evaluation = config.evaluation
+    window = tuple(config.window)
+    batch_size = evaluation.batch_size
+    if spatial_dims == 2:
+        batch_size *= window[0]
+        window = (1, window[1], window[2])
+    return sliding_window_inference(
+        volume,
+        predict_fn,
+        window,
+        num_classes=config.data.num_classes,
+        overlap=evaluation.overlap,
+        weighting=evaluation.weighting,
+        sigma_scale=evaluation.sigma_scale,
+        batch_size=batch_size,
+        mirror_axes=evaluation.mirror_axes if mirror else (),
+        accumulate_on_cpu=evaluation.accumulate_on_cpu,
+        spatial_dims=2 if spatial_dims == 2 else 3,
+    )
 
 
 def probabilities_to_labels(probabilities: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 from segnet import metrics
 from segnet.config import ExperimentConfig
 from segnet.data.case import PreprocessedCase
-from segnet.inference.sliding_window import probabilities_to_labels, sliding_window_inference
+from segnet.inference.sliding_window import configured_sliding_window, probabilities_to_labels
 
 
 @dataclass(frozen=True)
@@ -114,24 +114,8 @@ def predict_case(
     spatial_dims: int = 3,
 ) -> np.ndarray:
     """uint8 (depth, height, width) labels of one whole case by sliding-window inference."""
-    evaluation = config.evaluation
-    window = tuple(config.window)
-    batch_size = evaluation.batch_size
-    if spatial_dims == 2:
-        # A 2D window is one slice: batch as many slices as a 3D window holds.
-        batch_size *= window[0]
-        window = (1, window[1], window[2])
-    probabilities = sliding_window_inference(
-        np.asarray(case.load_image()),
-        predict_fn,
-        window,
-        num_classes=config.data.num_classes,
-        overlap=evaluation.overlap,
-        weighting=evaluation.weighting,
-        sigma_scale=evaluation.sigma_scale,
-        batch_size=batch_size,
-        accumulate_on_cpu=evaluation.accumulate_on_cpu,
-        spatial_dims=2 if spatial_dims == 2 else 3,
+    probabilities = configured_sliding_window(
+        np.asarray(case.load_image()), predict_fn, config, spatial_dims=spatial_dims, mirror=False
     )
     return probabilities_to_labels(probabilities)
 
