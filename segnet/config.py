@@ -239,9 +239,22 @@ class CascadeConfig:
     low: UNet3DConfig = field(default_factory=lambda: UNet3DConfig(depth=3))
     high: UNet3DConfig = field(default_factory=lambda: UNet3DConfig(depth=4))
     train_stage: Literal["joint", "low", "high"] = "joint"  # which stage's weights train
+    # Run directory of a finished train_stage 'low' run whose latest stage 1 weights start this
+    # run: required by 'high' (stage 1 is frozen there), an optional warm start for 'joint'.
+    stage1_from: str | None = None
 
     def validate(self) -> Problems:
         problems: Problems = []
+        if self.train_stage == "high" and self.stage1_from is None:
+            problems.append(
+                (
+                    "stage1_from",
+                    "train_stage 'high' freezes stage 1, so it needs trained weights: set "
+                    "stage1_from to the run directory of a train_stage 'low' run",
+                )
+            )
+        if self.train_stage == "low" and self.stage1_from is not None:
+            problems.append(("stage1_from", "has no use with train_stage 'low'; remove it"))
         for name in ("low", "high"):
             if getattr(self, name).input_downsample != 1:
                 problems.append((f"{name}.input_downsample", "must be 1 inside a cascade"))

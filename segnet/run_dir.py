@@ -31,6 +31,7 @@ from segnet.errors import ConfigError, RunDirError
 from segnet.files import atomic_write_text
 
 CONFIG_NAME = "config.yaml"
+FINGERPRINT_NAME = "fingerprint.json"
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:

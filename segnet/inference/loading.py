@@ -29,9 +29,8 @@ from segnet.config import ExperimentConfig, build_config, config_to_dict
 from segnet.data.preprocessing import DatasetFingerprint
 from segnet.errors import ConfigError, RunDirError, UserError
 from segnet.models.registry import build_model
-from segnet.run_dir import CONFIG_NAME, stored_config
+from segnet.run_dir import CONFIG_NAME, FINGERPRINT_NAME, stored_config
 from segnet.training.checkpoints import checkpoint_candidates
-from segnet.training.trainer import FINGERPRINT_NAME
 
 log = logging.getLogger("segnet")
 CHECKPOINT_DIR = "checkpoints"

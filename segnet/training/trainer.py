@@ -46,11 +46,12 @@ from segnet.data.pipeline import build_dataset, check_training_cases, describe_p
 from segnet.data.preprocessing import DatasetFingerprint
 from segnet.data.validation import check_cases
 from segnet.errors import UserError
+from segnet.files import atomic_write_text
 from segnet.losses import build_loss
 from segnet.models.registry import build_model
 from segnet.run_dir import (
     CONFIG_NAME,
-    atomic_write_text,
+    FINGERPRINT_NAME,
     check_run_dir,
     default_run_dir,
     explain_os_error,
@@ -62,11 +63,11 @@ from segnet.training.export import export_model
 from segnet.training.optimizers import build_optimizer
 from segnet.training.preemption import StopRequest
 from segnet.training.progress import EpochStats, Reporter, is_interactive, overlay_panel
+from segnet.training.stage1 import load_stage1_weights
 from segnet.training.step import make_train_step
 from segnet.training.validation import ValidationResult, make_predict_fn, validate
 
 log = logging.getLogger("segnet")
-FINGERPRINT_NAME = "fingerprint.json"
 
 
 class OutOfMemoryError(UserError):
@@ -223,6 +224,8 @@ class _Session:
         )
         self.restored = self.checkpoints.restore()
         self.last_saved = self.step if self.restored else -1
+        # A resumed run has stage 1 in its own checkpoint; only a fresh one copies it in.
+        self.stage1_source = None if self.restored else load_stage1_weights(self.model, config)
         self.train_step = make_train_step(
             self.model,
             self.optimizer,
@@ -258,6 +261,8 @@ class _Session:
             )
         if self.restored:
             log.info("restored %s (step %d)", self.restored, self.step)
+        if self.stage1_source:
+            log.info("stage 1 weights from %s", self.stage1_source)
         self.batches = self._batches()
         self.reporter = Reporter(
             self.run_dir if self.cluster.is_chief else None,
