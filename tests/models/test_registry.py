@@ -40,7 +40,12 @@ ROWS = [
     ("unet3d_learned_up", "unet3d", {**TINY, "input_downsample": 2, "output_upsample": "learned"}),
     ("unet3d_cascade", "unet3d_cascade", TINY_CASCADE),
     ("unet3d_cascade_low", "unet3d_cascade", {**TINY_CASCADE, "train_stage": "low"}),
-    ("unet3d_cascade_high", "unet3d_cascade", {**TINY_CASCADE, "train_stage": "high"}),
+    # stage1_from is read by the trainer (it copies the weights in), not by the builder.
+    (
+        "unet3d_cascade_high",
+        "unet3d_cascade",
+        {**TINY_CASCADE, "train_stage": "high", "stage1_from": "runs/low"},
+    ),
     ("segnet3d", "segnet", TINY),
     ("segnet2d", "segnet", {**TINY, "spatial_dims": 2, "norm": "group", "groups": 2}),
 ]
