@@ -17,12 +17,15 @@ Every case is checked before any prediction (unreadable files, labels off the im
 outside ``0..num_classes-1``); problems stop the evaluation listing them all, unless
 ``data.skip_bad_cases`` leaves those cases out with a warning.
 
-Output, per checkpoint, in ``<run>/evaluation/<checkpoint name>/``: ``metrics.json`` (config,
-checkpoint, per-class summary, per-case values, the empty-mask policy), ``per_case.csv``,
-``predictions/<case>.nii.gz`` (plus probabilities with ``evaluation.save_probabilities``) and
-``montages/<case>.png`` (with ``evaluation.montage``). A summary table is printed; with
+Output, per checkpoint, in ``<run>/evaluation/<checkpoint name>/`` (``<checkpoint
+name>-on-<data name>/`` with ``--data``, so other data never replaces the held-out results):
+``metrics.json`` (config, checkpoint, per-class summary, per-case values, the empty-mask
+policy), ``per_case.csv``, ``predictions/<case>.nii.gz`` (plus probabilities with
+``evaluation.save_probabilities``) and ``montages/<case>.png`` (with ``evaluation.montage``).
+Predictions and montages an earlier evaluation left in the folder for cases not evaluated now
+are removed, so the folder matches its ``metrics.json``. A summary table is printed; with
 ``--checkpoint all`` a ranking by mean foreground Dice is printed too and kept in
-``<run>/evaluation/ranking.txt``.
+``<run>/evaluation/ranking.txt`` (``ranking-on-<data name>.txt``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from segnet.evaluation.montage import write_montage
 from segnet.files import atomic_write_text, ensure_writable_dir
 from segnet.inference import loading
 from segnet.inference.predict import (
+    PROBABILITIES_SUFFIX,
     Predictor,
     load_predictor,
     read_case,
@@ -90,13 +94,15 @@ def evaluate_run(
     class_names = dataset_class_names(config)
     results: dict[str, Any] = {}
     for ref in refs:
-        document = evaluate_checkpoint(run_dir, config, ref, cases, class_names, quiet)
+        folder = run_dir / EVALUATION_DIR / evaluation_folder_name(ref.name, data)
+        document = evaluate_checkpoint(run_dir, config, ref, cases, class_names, quiet, folder)
         results[ref.name] = document
         print(f"\n{ref.name} ({ref.path}), {len(cases)} cases:")
         print(report.summary_table(document["summary"], class_names))
     if len(refs) > 1:
         ranking = report.ranking_table({name: doc["summary"] for name, doc in results.items()})
-        atomic_write_text(run_dir / EVALUATION_DIR / "ranking.txt", ranking + "\n")
+        ranking_file = evaluation_folder_name("ranking", data) + ".txt"
+        atomic_write_text(run_dir / EVALUATION_DIR / ranking_file, ranking + "\n")
         print(f"\ncheckpoints ranked by mean foreground Dice:\n{ranking}")
     return results
 
@@ -108,13 +114,19 @@ def evaluate_checkpoint(
     cases: list[CaseFiles],
     class_names: dict[int, str] | None = None,
     quiet: bool = False,
+    out_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Predicts and scores ``cases`` with one checkpoint; writes its evaluation folder.
+
+    Args:
+        out_dir: the folder (default ``<run_dir>/evaluation/<checkpoint name>``). Predictions
+            and montages an earlier evaluation left there for other cases are removed at the
+            end, so the folder always matches its ``metrics.json``.
 
     Returns:
         The metrics document (see ``report.metrics_document``).
     """
-    out_dir = run_dir / EVALUATION_DIR / ref.name
+    out_dir = out_dir or run_dir / EVALUATION_DIR / ref.name
     predictor = load_predictor(run_dir, config, ref)
     per_case: dict[str, dict[int, ClassMetrics]] = {}
     bar = tqdm(cases, desc=f"Evaluating {ref.name}", unit="case", disable=not is_interactive(quiet))
@@ -130,7 +142,35 @@ def evaluate_checkpoint(
     report.write_json(out_dir / "metrics.json", document)
     report.write_per_case_csv(out_dir / "per_case.csv", per_case)
     log.info("wrote %s", out_dir / "metrics.json")
+    _remove_stale_outputs(out_dir, [case.case_id for case in cases], config)
     return document
+
+
+def evaluation_folder_name(checkpoint_name: str, data: str | None) -> str:
+    """``best`` for the run's held-out split; ``best-on-<name>`` for ``--data``, so that
+    evaluating on other data never replaces the held-out results."""
+    if data is None:
+        return checkpoint_name
+    name = Path(data).expanduser().resolve().name
+    for suffix in (".yaml", ".yml"):
+        name = name.removesuffix(suffix)
+    return f"{checkpoint_name}-on-{name}"
+
+
+def _remove_stale_outputs(out_dir: Path, case_ids: list[str], config: ExperimentConfig) -> None:
+    """Deletes the predictions and montages in ``out_dir`` that this evaluation did not write
+    (cases of an earlier evaluation, probability maps no longer asked for)."""
+    expected = {f"predictions/{c}.nii.gz" for c in case_ids}
+    if config.evaluation.save_probabilities:
+        expected |= {f"predictions/{c}{PROBABILITIES_SUFFIX}" for c in case_ids}
+    if config.evaluation.montage:
+        expected |= {f"montages/{c}.png" for c in case_ids}
+    ours = [*out_dir.glob("predictions/*.nii.gz"), *out_dir.glob("montages/*.png")]
+    stale = [p for p in ours if p.relative_to(out_dir).as_posix() not in expected]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d outputs of an earlier evaluation from %s", len(stale), out_dir)
 
 
 def evaluate_case(predictor: Predictor, case: CaseFiles, out_dir: Path) -> dict[int, ClassMetrics]:

@@ -197,6 +197,38 @@ def test_data_folder_evaluates_every_labelled_case(run: Path, dataset: Path, ora
     assert document["summary"]["foreground_mean"]["dice"] == 1.0
 
 
+def test_other_data_gets_its_own_folder_and_leaves_the_held_out_results(
+    run: Path, dataset: Path, oracle
+):
+    evaluate_run(run, "best", quiet=True)
+    held_out = run / "evaluation" / "best"
+    before = {p: p.read_bytes() for p in held_out.rglob("*") if p.is_file()}
+    evaluate_run(run, "best", data=str(dataset), quiet=True)
+    other = run / "evaluation" / f"best-on-{dataset.name}"
+    assert sorted(p.name for p in (other / "predictions").iterdir()) == [
+        f"case_{i}.nii.gz" for i in range(len(SHAPES))
+    ]
+    assert {p: p.read_bytes() for p in held_out.rglob("*") if p.is_file()} == before
+
+
+def test_outputs_of_cases_no_longer_evaluated_are_removed(run: Path, oracle):
+    out = run / "evaluation" / "best"
+    evaluate_run(run, "best", quiet=True)
+    ghosts = [out / "predictions" / "gone.nii.gz", out / "montages" / "gone.png"]
+    ghosts.append(out / "predictions" / f"{HELD_OUT[0]}_probabilities.nii.gz")  # not asked for
+    for ghost in ghosts:
+        ghost.write_bytes(b"from an earlier evaluation")
+    notes = out / "predictions" / "notes.txt"  # not a file evaluation writes: left alone
+    notes.write_text("mine")
+    evaluate_run(run, "best", quiet=True)
+    assert not any(ghost.exists() for ghost in ghosts)
+    assert notes.read_text() == "mine"
+    assert sorted(p.name for p in (out / "predictions").glob("*.nii.gz")) == [
+        f"{c}.nii.gz" for c in HELD_OUT
+    ]
+    assert sorted(p.name for p in (out / "montages").iterdir()) == [f"{c}.png" for c in HELD_OUT]
+
+
 def test_data_yaml_uses_its_held_out_split(run: Path, dataset: Path, tmp_path: Path, oracle):
     config = tmp_path / "other.yaml"
     data = {
