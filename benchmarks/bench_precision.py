@@ -36,6 +36,7 @@ from segnet.config import ExperimentConfig, load_config
 from segnet.losses import build_loss
 from segnet.models.registry import build_model
 from segnet.training.optimizers import build_optimizer
+from segnet.training.precision import choose_precision, read_cpu_flags
 from segnet.training.step import make_train_step
 
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -44,9 +45,8 @@ CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "avx_vnni")
 
 
 def cpu_flags() -> str:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
+    flags = read_cpu_flags()
+    if not flags:
         return "unknown"
     return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
 
@@ -102,6 +102,8 @@ def main() -> None:
 
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} cores; {_tf_env.onednn_status()}")
     print(f"CPU flags: {cpu_flags()}")
+    auto = choose_precision("auto")
+    print(f"runtime.precision: auto trains in {auto.name} here ({auto.reason})")
     print(f"{args.config}: model {config.model.name}, batch {shape}, median of {args.repeats}")
     print("load average before: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
     timings = time_interleaved(steps, args.repeats)

@@ -442,7 +442,8 @@ class EvaluationConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
-    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+    # auto: mixed precision only where the hardware runs it natively (training/precision.py)
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16", "auto"] = "float32"
     jit_compile: bool = False  # XLA: slower for 3D convolutions on CPU, often faster on GPU
     sync_batchnorm: bool = False  # synchronise BatchNorm statistics across replicas
     log_every_steps: int = 10  # TensorBoard scalar cadence

@@ -31,7 +31,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import keras
@@ -61,6 +61,7 @@ from segnet.training.checkpoints import NO_SCORE, Checkpoints, TrainState, build
 from segnet.training.distribute import Cluster, WriteDir, build_strategy, synchronize_batchnorm
 from segnet.training.export import export_model
 from segnet.training.optimizers import build_optimizer
+from segnet.training.precision import choose_precision
 from segnet.training.preemption import StopRequest
 from segnet.training.progress import EpochStats, Reporter, is_interactive, overlay_panel
 from segnet.training.stage1 import load_stage1_weights
@@ -133,24 +134,30 @@ def train(
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     cluster = build_strategy(config)
+    precision = choose_precision(config.runtime.precision)
+    if precision.warning:
+        log.warning(precision.warning)
     log.info(
-        "strategy: %s; precision %s; XLA %s",
+        "strategy: %s; precision %s (%s); XLA %s",
         cluster.description,
-        config.runtime.precision,
+        precision.name,
+        precision.reason,
         "on" if config.runtime.jit_compile else "off",
     )
     data = load_training_data(config)
     check_training_cases(config, data.train, model_spatial_dims(config))
     resuming = check_run_dir(run_dir, config, force)
+    stored = config  # the run directory keeps "auto" as written; the session uses the choice
+    config = replace(config, runtime=replace(config.runtime, precision=precision.name))
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_precision_policy(config.runtime.precision))
+        stack.enter_context(_precision_policy(precision.name))
         write_dir = stack.enter_context(WriteDir(run_dir, cluster.is_chief, cluster.worker_index))
         stop = stack.enter_context(StopRequest())
         # Building the model restores the checkpoints, which fails when a --force'd config no
         # longer fits them; nothing is written before that, so the stored config stays true.
         session = _Session(config, cluster, data, run_dir, write_dir.path, stop)
         if cluster.is_chief:
-            initialise_run_dir(run_dir, config)
+            initialise_run_dir(run_dir, stored)
             _write_fingerprint(run_dir, data.fingerprint)
             stack.enter_context(_log_file(run_dir / "train.log"))
         log.info("%s %s", "resuming" if resuming else "starting", run_dir)
@@ -423,7 +430,8 @@ def _missing_kernel(exc: tf.errors.OpError, config: ExperimentConfig) -> Excepti
     return UserError(
         f"runtime.precision: {config.runtime.precision}: this device has no kernel for "
         f"{match.group(1)} in that precision (TensorFlow's CPU kernels lack most float16 "
-        "ops); use mixed_bfloat16 or float32 on CPUs, mixed_float16 on GPUs"
+        "ops); use auto or float32 on CPUs (mixed_bfloat16 where they have AMX or "
+        "AVX512-BF16), mixed_float16 on GPUs"
     )
 
 

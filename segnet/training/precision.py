@@ -1,0 +1,132 @@
+"""Which compute precision to train in: ``runtime.precision: auto`` and its hardware rules.
+
+Mixed precision is only worth it where the hardware runs the low-precision convolutions
+natively; elsewhere TensorFlow emulates them and a step gets much *slower*. Measured with
+``benchmarks/bench_precision.py`` on the hippocampus U-Net: bfloat16 ran 1.50x the float32 step
+rate on an Intel Xeon with AMX, and 0.04x (23 times slower) on an AVX2-only AMD EPYC. So a
+config that says ``mixed_bfloat16`` is fast on one machine and unusable on the next, and
+``auto`` picks per machine:
+
+* GPUs, all of compute capability 8.0 or newer (Ampere+): ``mixed_bfloat16`` (tensor cores,
+  no loss scaling needed);
+* GPUs of compute capability 7.x (Volta, Turing): ``mixed_float16`` with a dynamic loss scale;
+* CPUs with AMX or AVX512-BF16, and oneDNN on: ``mixed_bfloat16``;
+* anything else: ``float32``.
+
+An explicit choice is kept as written; one that the hardware emulates is kept with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+from segnet._tf_env import ONEDNN_VAR
+
+Precision = Literal["float32", "mixed_bfloat16", "mixed_float16"]
+
+# oneDNN runs bfloat16 convolutions natively only with one of these (see /proc/cpuinfo).
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision training runs in, and why.
+
+    Attributes:
+        name: a Keras dtype policy name: float32, mixed_bfloat16 or mixed_float16.
+        reason: half a sentence for the log, naming the hardware that decided.
+        warning: set when an explicit choice will run emulated (slow) on this hardware.
+    """
+
+    name: Precision
+    reason: str
+    warning: str | None = None
+
+
+def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU feature flags the kernel reports; empty where there is no /proc/cpuinfo."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def onednn_enabled() -> bool:
+    """False when the user turned oneDNN off (segnet turns it on otherwise, see _tf_env)."""
+    return os.environ.get(ONEDNN_VAR, "1").strip().lower() not in ("0", "false", "off")
+
+
+def gpu_compute_capabilities() -> list[tuple[int, int]]:
+    """(major, minor) of every visible GPU; (0, 0) where TensorFlow does not say."""
+    import tensorflow as tf
+
+    capabilities = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        capabilities.append(tuple(details.get("compute_capability", (0, 0)))[:2])
+    return capabilities  # type: ignore[return-value]
+
+
+def choose_precision(
+    requested: str,
+    gpus: Sequence[tuple[int, int]] | None = None,
+    cpu_flags: frozenset[str] | None = None,
+    onednn: bool | None = None,
+) -> PrecisionChoice:
+    """Resolves ``runtime.precision`` for this machine (the hardware arguments default to it).
+
+    Args:
+        requested: ``runtime.precision`` as configured, ``auto`` included.
+        gpus: compute capabilities of the GPUs training will use; empty trains on the CPU.
+        cpu_flags: the CPU's feature flags.
+        onednn: whether TensorFlow's oneDNN kernels are on.
+    """
+    gpus = list(gpu_compute_capabilities() if gpus is None else gpus)
+    flags = read_cpu_flags() if cpu_flags is None else cpu_flags
+    onednn = onednn_enabled() if onednn is None else onednn
+    cpu_units = sorted(f for f in NATIVE_BF16_CPU_FLAGS if f in flags)
+    cpu_native_bf16 = bool(cpu_units) and onednn
+    if gpus:
+        oldest = min(gpus)
+        hardware = f"GPU compute capability {oldest[0]}.{oldest[1]}"
+        native = {
+            "mixed_bfloat16": oldest >= (8, 0),
+            "mixed_float16": oldest >= (7, 0),
+        }
+    else:
+        if cpu_native_bf16:
+            hardware = f"CPU with {' and '.join(cpu_units)}"
+        elif cpu_units:
+            hardware = f"CPU with {' and '.join(cpu_units)} but {ONEDNN_VAR}=0"
+        else:
+            hardware = "CPU without AMX or AVX512-BF16"
+        native = {"mixed_bfloat16": cpu_native_bf16, "mixed_float16": False}
+
+    if requested == "auto":
+        preferred: tuple[Precision, ...] = ("mixed_bfloat16", "mixed_float16")
+        for name in preferred:
+            if native[name]:
+                return PrecisionChoice(name, f"auto: {hardware} runs it natively")
+        return PrecisionChoice("float32", f"auto: {hardware} has no fast mixed precision")
+    chosen = cast(Precision, requested)
+    if chosen == "float32" or native[chosen]:
+        return PrecisionChoice(chosen, f"as configured ({hardware})")
+    if chosen == "mixed_bfloat16":
+        # float16 on a CPU fails outright for want of kernels (the trainer explains that);
+        # bfloat16 runs, emulated, at a small fraction of float32's speed.
+        warning = (
+            f"runtime.precision: mixed_bfloat16 on a {hardware}: TensorFlow emulates bfloat16 "
+            "here, many times slower than float32 (23x measured on an AVX2 CPU); set "
+            "runtime.precision: auto or float32"
+        )
+        return PrecisionChoice(chosen, f"as configured ({hardware}, emulated)", warning)
+    return PrecisionChoice(chosen, f"as configured ({hardware})")
