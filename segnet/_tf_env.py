@@ -39,6 +39,16 @@ def onednn_status() -> str:
     return f"oneDNN: enabled by segnet ({ONEDNN_VAR}=1)"
 
 
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN kernels, as far as the variable tells.
+
+    Only an explicit "0" turns them off: segnet sets "1" otherwise, and where TensorFlow was
+    imported too early it keeps its own default, which is on for the CPUs (AMX, AVX512-BF16)
+    whose bfloat16 speed depends on it.
+    """
+    return os.environ.get(ONEDNN_VAR, "1").strip().lower() not in ("0", "false", "off")
+
+
 def log_onednn_status(logger: logging.Logger | None = None) -> None:
     (logger or logging.getLogger("segnet")).info(onednn_status())
 

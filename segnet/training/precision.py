@@ -18,13 +18,12 @@ An explicit choice is kept as written; one that the hardware emulates is kept wi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal
 
-from segnet._tf_env import ONEDNN_VAR
+from segnet._tf_env import ONEDNN_VAR, onednn_enabled
 
 Precision = Literal["float32", "mixed_bfloat16", "mixed_float16"]
 
@@ -60,11 +59,6 @@ def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
-def onednn_enabled() -> bool:
-    """False when the user turned oneDNN off (segnet turns it on otherwise, see _tf_env)."""
-    return os.environ.get(ONEDNN_VAR, "1").strip().lower() not in ("0", "false", "off")
-
-
 def gpu_compute_capabilities() -> list[tuple[int, int]]:
     """(major, minor) of every visible GPU; (0, 0) where TensorFlow does not say."""
     import tensorflow as tf
@@ -77,7 +71,7 @@ def gpu_compute_capabilities() -> list[tuple[int, int]]:
 
 
 def choose_precision(
-    requested: str,
+    requested: Precision | Literal["auto"],
     gpus: Sequence[tuple[int, int]] | None = None,
     cpu_flags: frozenset[str] | None = None,
     onednn: bool | None = None,
@@ -117,7 +111,7 @@ def choose_precision(
             if native[name]:
                 return PrecisionChoice(name, f"auto: {hardware} runs it natively")
         return PrecisionChoice("float32", f"auto: {hardware} has no fast mixed precision")
-    chosen = cast(Precision, requested)
+    chosen: Precision = requested
     if chosen == "float32" or native[chosen]:
         return PrecisionChoice(chosen, f"as configured ({hardware})")
     if chosen == "mixed_bfloat16":
