@@ -37,6 +37,8 @@ from segnet.run_dir import explain_os_error
 
 log = logging.getLogger("segnet")
 NO_SCORE = -1.0  # best_score before any validation
+# Where a LossScaleOptimizer (mixed_float16) keeps the wrapped optimizer's state.
+LOSS_SCALE_PREFIX = "optimizer/inner_optimizer/"
 
 
 @dataclass
@@ -126,7 +128,9 @@ class Checkpoints:
     def _restore(self, path: str) -> None:
         try:
             self.checkpoint.restore(path).assert_existing_objects_matched()
-        except (AssertionError, ValueError) as exc:
+        except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as exc:
+            # InvalidArgumentError: a variable of another dtype sits at the same place in the
+            # object graph, e.g. a loss-scaled optimizer's step counter where momentum was.
             raise RunDirError(
                 f"{path} does not fit this model ({_first_line(exc)}); the model config "
                 "changed since it was saved: use another --run-dir"
@@ -210,6 +214,26 @@ def checkpoint_candidates(directory: Path) -> list[str]:
     return [path for _, path in sorted(numbered, reverse=True)]
 
 
+def checkpoint_has_loss_scale(directory: Path) -> bool | None:
+    """Whether the newest listable checkpoint of ``directory`` holds a float16 loss scale.
+
+    A run trained in ``mixed_float16`` saves a ``LossScaleOptimizer``: its momentum and step
+    counter sit under ``optimizer/inner_optimizer`` beside the dynamic scale, where a float32 or
+    bfloat16 run keeps them under ``optimizer`` itself. The two cannot restore into each
+    other, so the precision a run resumes in must keep to its checkpoint's side.
+
+    Returns:
+        None when ``directory`` holds no checkpoint whose index can be read.
+    """
+    for path in checkpoint_candidates(directory):
+        try:
+            names = [name for name, _ in tf.train.list_variables(path)]
+        except (tf.errors.OpError, ValueError):
+            continue  # restoring reports and skips unreadable checkpoints
+        return any(name.startswith(LOSS_SCALE_PREFIX) for name in names)
+    return None
+
+
 def verify_checkpoint(path: str) -> str | None:
     """Reads every tensor of a checkpoint (which checks its CRC32C); None when all are intact.
 
@@ -227,5 +251,7 @@ def verify_checkpoint(path: str) -> str | None:
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
+    # TensorFlow op errors start with the "{{function_node ...}}" that raised them: noise here.
+    text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", str(exc).strip())
+    lines = text.splitlines()
     return lines[0][:200] if lines else type(exc).__name__

@@ -14,6 +14,11 @@ config that says ``mixed_bfloat16`` is fast on one machine and unusable on the n
 * anything else: ``float32``.
 
 An explicit choice is kept as written; one that the hardware emulates is kept with a warning.
+
+A resumed run must also fit its checkpoint: ``mixed_float16`` saves a loss-scaled optimizer
+whose state cannot restore into a float32 or bfloat16 one, nor the other way round. So
+:func:`precision_for_resume` keeps ``auto`` on the checkpoint's side of that line when a run
+moves to other hardware, and explains what to do where no precision on that side can run.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from segnet._tf_env import ONEDNN_VAR, onednn_enabled
+from segnet.errors import RunDirError
 
 Precision = Literal["float32", "mixed_bfloat16", "mixed_float16"]
 
@@ -124,3 +130,60 @@ def choose_precision(
         )
         return PrecisionChoice(chosen, f"as configured ({hardware}, emulated)", warning)
     return PrecisionChoice(chosen, f"as configured ({hardware})")
+
+
+def precision_for_resume(
+    choice: PrecisionChoice,
+    requested: Precision | Literal["auto"],
+    loss_scaled: bool | None,
+    checkpoints: Path,
+    gpus: Sequence[tuple[int, int]] | None = None,
+) -> PrecisionChoice:
+    """``choice`` adjusted so that the run's checkpoints restore into the optimizer it builds.
+
+    ``auto`` resolves afresh on every start, so a run moved between machines can meet a
+    checkpoint from the other side of the float16 line. bfloat16 and float32 runs share one
+    optimizer layout, so between those two the new machine's choice stands.
+
+    Args:
+        choice: :func:`choose_precision`'s answer on this machine.
+        requested: ``runtime.precision`` as configured.
+        loss_scaled: whether the newest checkpoint holds a float16 loss scale; None when the
+            run has no checkpoint yet.
+        checkpoints: the checkpoint directory, for messages.
+        gpus: compute capabilities of the GPUs training will use (default: this machine's).
+
+    Raises:
+        RunDirError: no precision this machine can run fits the checkpoint.
+    """
+    if loss_scaled is None or loss_scaled == (choice.name == "mixed_float16"):
+        return choice
+    if requested != "auto":
+        # Only --force gets here: the stored config said otherwise when the checkpoint was made.
+        trained = "mixed_float16" if loss_scaled else "float32 or mixed_bfloat16"
+        raise RunDirError(
+            f"{checkpoints} was trained in {trained}, and runtime.precision: {requested} cannot "
+            "restore its optimizer state (only mixed_float16 keeps a loss scale); set "
+            "runtime.precision back to auto or the precision it was trained in, or train in a "
+            "new --run-dir"
+        )
+    if not loss_scaled:
+        # A 7.x GPU meets a float32 or bfloat16 checkpoint: float32 restores it and runs
+        # anywhere, where bfloat16 would be emulated on that GPU.
+        return PrecisionChoice(
+            "float32",
+            f"auto: the checkpoints have no float16 loss scale, so float32 instead of "
+            f"{choice.name}",
+        )
+    gpus = list(gpu_compute_capabilities() if gpus is None else gpus)
+    if gpus:
+        # Any GPU that TensorFlow supports has float16 kernels; Ampere and newer run it natively.
+        return PrecisionChoice(
+            "mixed_float16",
+            f"auto: the checkpoints hold a float16 loss scale, so mixed_float16 instead of "
+            f"{choice.name}",
+        )
+    raise RunDirError(
+        f"{checkpoints} was trained in mixed_float16 on a GPU, and a CPU has no float16 kernels "
+        "to continue it; resume this run on a GPU, or train in a new --run-dir"
+    )

@@ -57,11 +57,17 @@ from segnet.run_dir import (
     explain_os_error,
     initialise_run_dir,
 )
-from segnet.training.checkpoints import NO_SCORE, Checkpoints, TrainState, build_checkpoint
+from segnet.training.checkpoints import (
+    NO_SCORE,
+    Checkpoints,
+    TrainState,
+    build_checkpoint,
+    checkpoint_has_loss_scale,
+)
 from segnet.training.distribute import Cluster, WriteDir, build_strategy, synchronize_batchnorm
 from segnet.training.export import export_model
 from segnet.training.optimizers import build_optimizer
-from segnet.training.precision import choose_precision
+from segnet.training.precision import choose_precision, precision_for_resume
 from segnet.training.preemption import StopRequest
 from segnet.training.progress import EpochStats, Reporter, is_interactive, overlay_panel
 from segnet.training.stage1 import load_stage1_weights
@@ -134,7 +140,16 @@ def train(
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     cluster = build_strategy(config)
-    precision = choose_precision(config.runtime.precision)
+    data = load_training_data(config)
+    check_training_cases(config, data.train, model_spatial_dims(config))
+    resuming = check_run_dir(run_dir, config, force)
+    checkpoint_dir = run_dir / "checkpoints"
+    precision = precision_for_resume(
+        choose_precision(config.runtime.precision),
+        config.runtime.precision,
+        checkpoint_has_loss_scale(checkpoint_dir),
+        checkpoint_dir,
+    )
     if precision.warning:
         log.warning(precision.warning)
     log.info(
@@ -144,9 +159,6 @@ def train(
         precision.reason,
         "on" if config.runtime.jit_compile else "off",
     )
-    data = load_training_data(config)
-    check_training_cases(config, data.train, model_spatial_dims(config))
-    resuming = check_run_dir(run_dir, config, force)
     stored = config  # the run directory keeps "auto" as written; the session uses the choice
     config = replace(config, runtime=replace(config.runtime, precision=precision.name))
     with contextlib.ExitStack() as stack:

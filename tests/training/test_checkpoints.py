@@ -22,6 +22,7 @@ from segnet.training.checkpoints import (
     TrainState,
     build_checkpoint,
     checkpoint_candidates,
+    checkpoint_has_loss_scale,
     verify_checkpoint,
 )
 
@@ -215,3 +216,31 @@ def test_checkpoint_of_another_architecture_is_a_run_dir_error(tmp_path: Path) -
     optimizer.build(other.trainable_variables)
     with pytest.raises(RunDirError, match="does not fit this model"):
         _checkpoints(tmp_path, (other, optimizer, TrainState.create())).restore()
+
+
+@pytest.mark.parametrize("loss_scale", [False, True])
+def test_loss_scale_is_read_off_the_newest_listable_checkpoint(
+    tmp_path: Path, loss_scale: bool
+) -> None:
+    assert checkpoint_has_loss_scale(tmp_path / "none") is None
+    checkpoints = _checkpoints(tmp_path, _objects(0, loss_scale))
+    checkpoints.save(1)
+    checkpoints.save(2)
+    assert checkpoint_has_loss_scale(tmp_path) is loss_scale
+    _delete_index(str(tmp_path / "ckpt-2"))  # the older one still tells
+    assert checkpoint_has_loss_scale(tmp_path) is loss_scale
+    _delete_index(str(tmp_path / "ckpt-1"))
+    assert checkpoint_has_loss_scale(tmp_path) is None
+
+
+@pytest.mark.parametrize("saved_scaled", [False, True])
+def test_a_checkpoint_from_the_other_side_of_the_float16_line_does_not_restore(
+    tmp_path: Path, saved_scaled: bool
+) -> None:
+    # Why the trainer picks the resume precision from the checkpoint: the optimizer layouts
+    # of mixed_float16 and of float32/bfloat16 do not restore into each other.
+    _checkpoints(tmp_path, _objects(0, saved_scaled)).save(1)
+    with pytest.raises(RunDirError, match="does not fit this model") as error:
+        _checkpoints(tmp_path, _objects(0, not saved_scaled)).restore()
+    assert "optimizer" in str(error.value)  # names what did not fit
+    assert "function_node" not in str(error.value)  # without TensorFlow's op prefix

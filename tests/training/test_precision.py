@@ -6,14 +6,25 @@ import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlo
 
 # isort: split
 import logging
+from dataclasses import replace
 from pathlib import Path
 
+import keras
 import pytest
 from training_helpers import tiny_config
 
-from segnet.run_dir import stored_config
+from segnet.errors import RunDirError
+from segnet.models.registry import build_model
+from segnet.run_dir import initialise_run_dir, stored_config
 from segnet.training import trainer
-from segnet.training.precision import PrecisionChoice, choose_precision, read_cpu_flags
+from segnet.training.checkpoints import Checkpoints, TrainState, build_checkpoint
+from segnet.training.optimizers import build_optimizer
+from segnet.training.precision import (
+    PrecisionChoice,
+    choose_precision,
+    precision_for_resume,
+    read_cpu_flags,
+)
 
 AVX2 = frozenset({"fma", "avx", "avx2"})  # an AMD EPYC (Zen 3): no bfloat16 units
 SAPPHIRE_RAPIDS = AVX2 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
@@ -105,3 +116,107 @@ def test_auto_on_this_machine_matches_its_hardware(tiny_root: Path, tmp_path: Pa
         assert compute_dtypes == {"float32"}
     else:
         assert expected.removeprefix("mixed_") in compute_dtypes
+
+
+CKPT = Path("runs/x/checkpoints")
+F32 = PrecisionChoice("float32", "auto: CPU without AMX or AVX512-BF16 has no fast mixed precision")
+BF16 = PrecisionChoice("mixed_bfloat16", "auto: GPU compute capability 8.0 runs it natively")
+F16 = PrecisionChoice("mixed_float16", "auto: GPU compute capability 7.0 runs it natively")
+
+
+@pytest.mark.parametrize(
+    ("choice", "loss_scaled", "gpus", "expected"),
+    [
+        (BF16, None, [(8, 0)], "mixed_bfloat16"),  # a new run takes the machine's choice
+        (F16, None, [(7, 0)], "mixed_float16"),
+        (F32, False, [], "float32"),
+        (BF16, False, [(8, 0)], "mixed_bfloat16"),  # bf16 and f32 share the optimizer layout
+        (F16, True, [(7, 0)], "mixed_float16"),
+        (F16, False, [(7, 0)], "float32"),  # a bf16/f32 run moved onto a Volta GPU
+        (BF16, True, [(8, 0)], "mixed_float16"),  # a Volta run moved onto an Ampere GPU
+        (F32, True, [(6, 1)], "mixed_float16"),  # Pascal still has float16 kernels
+    ],
+)
+def test_auto_resumes_on_the_checkpoints_side_of_the_float16_line(
+    choice: PrecisionChoice,
+    loss_scaled: bool | None,
+    gpus: list[tuple[int, int]],
+    expected: str,
+) -> None:
+    resumed = precision_for_resume(choice, "auto", loss_scaled, CKPT, gpus=gpus)
+    assert resumed.name == expected
+    if expected == choice.name:
+        assert resumed == choice  # unchanged, reason included
+    else:
+        assert f"instead of {choice.name}" in resumed.reason
+
+
+def test_a_float16_checkpoint_on_a_cpu_says_to_resume_on_a_gpu() -> None:
+    with pytest.raises(RunDirError) as error:
+        precision_for_resume(F32, "auto", True, CKPT, gpus=[])
+    message = str(error.value)
+    assert str(CKPT) in message and "mixed_float16" in message
+    assert "resume this run on a GPU" in message and "new --run-dir" in message
+
+
+@pytest.mark.parametrize(
+    ("requested", "loss_scaled"),
+    [("float32", True), ("mixed_bfloat16", True), ("mixed_float16", False)],
+)
+def test_an_explicit_precision_across_the_float16_line_is_refused_with_the_fix(
+    requested: str, loss_scaled: bool
+) -> None:
+    choice = PrecisionChoice(requested, "as configured")  # type: ignore[arg-type]
+    with pytest.raises(RunDirError, match=r"set runtime\.precision back to auto"):
+        precision_for_resume(choice, requested, loss_scaled, CKPT, gpus=[(8, 0)])  # type: ignore[arg-type]
+
+
+def test_a_run_moved_onto_a_float16_machine_resumes_in_float32(
+    tiny_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = tiny_config(tiny_root, tmp_path, "runtime.precision=auto", "train.epochs=1")
+    first = trainer.train(config, run_dir=tmp_path / "run", quiet=True)
+
+    # The same run directory, now on a machine whose auto choice is float16 (a Volta GPU,
+    # pretended: this CPU could not run float16). Its checkpoint has no loss scale.
+    def volta(requested: str) -> PrecisionChoice:
+        return PrecisionChoice("mixed_float16", "auto: GPU compute capability 7.0 runs it natively")
+
+    monkeypatch.setattr(trainer, "choose_precision", volta)
+    longer = tiny_config(tiny_root, tmp_path, "runtime.precision=auto", "train.epochs=2")
+    with caplog.at_level(logging.INFO, logger="segnet"):
+        resumed = trainer.train(longer, run_dir=tmp_path / "run", force=True, quiet=True)
+    assert "float32 instead of mixed_float16" in caplog.text
+    assert resumed.step == 2 * first.step  # restored, then one more epoch
+    assert {layer.compute_dtype for layer in resumed.model.layers} == {"float32"}
+
+
+def test_a_float16_run_cannot_resume_on_a_cpu_and_nothing_is_touched(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    # A run directory as a Volta GPU leaves it: auto chose mixed_float16, so the checkpoint
+    # holds a loss-scaled optimizer. No step is needed to make one, so the CPU can build it.
+    config = tiny_config(tiny_root, tmp_path, "runtime.precision=auto", "train.epochs=1")
+    run_dir = tmp_path / "run"
+    initialise_run_dir(run_dir, config)
+    float16 = replace(config, runtime=replace(config.runtime, precision="mixed_float16"))
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build_model(float16)
+        optimizer = build_optimizer(float16)
+        optimizer.build(model.trainable_variables)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    checkpoint_dir = run_dir / "checkpoints"
+    checkpoint = build_checkpoint(model, optimizer, TrainState.create())
+    Checkpoints(checkpoint, checkpoint_dir, checkpoint_dir, keep=3).save(0)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    with pytest.raises(RunDirError, match="resume this run on a GPU"):
+        trainer.train(config, run_dir=run_dir, quiet=True)
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
