@@ -21,6 +21,13 @@ softmax, weighting and blending on top of the forward passes. Target: at most 10
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # run from a checkout, installed or not
+
 import segnet
 
 # isort: split

@@ -18,6 +18,13 @@ shared machine CPU time does not count waiting for a core another job holds.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # run from a checkout, installed or not
+
 import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
 
 # isort: split
