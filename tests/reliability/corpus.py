@@ -248,6 +248,34 @@ def _truncate_checkpoints(ws: Workspace) -> None:
         data.write_bytes(data.read_bytes()[:100])
 
 
+def _trained_in_float16_under_auto(ws: Workspace) -> None:
+    """The run as a Volta GPU leaves it: started with ``runtime.precision: auto``, which chose
+    mixed_float16 there, so its checkpoints hold a loss-scaled optimizer."""
+    import keras
+
+    from segnet.config import build_config
+    from segnet.models.registry import build_model
+    from segnet.training.checkpoints import Checkpoints, TrainState, build_checkpoint
+    from segnet.training.optimizers import build_optimizer
+
+    _merge(ws.data, {"runtime": {"precision": "mixed_float16"}})
+    float16 = build_config(ws.data)
+    ws.data["runtime"]["precision"] = "auto"
+    write_yaml(ws.run / "config.yaml", ws.data)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build_model(float16)
+        optimizer = build_optimizer(float16)
+        optimizer.build(model.trainable_variables)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    checkpoints = ws.run / "checkpoints"
+    shutil.rmtree(checkpoints)
+    checkpoint = build_checkpoint(model, optimizer, TrainState.create())
+    Checkpoints(checkpoint, checkpoints, checkpoints, keep=2).save(2)
+
+
 def _no_space(where: str) -> Exception:
     import tensorflow as tf
 
@@ -448,6 +476,8 @@ RUN_DIR = [
     BadInput("config-not-a-segnet-config", "run_dir", existing(lambda ws: (ws.run / "config.yaml").write_text("- a list\n")), ("{run}/config.yaml is not a readable segnet config",), existing_run=True),
     BadInput("every-checkpoint-unreadable", "run_dir", existing(_truncate_checkpoints), ("{run}/checkpoints: no checkpoint can be read",), existing_run=True),
     BadInput("checkpoint-of-another-model", "run_dir", existing(lambda ws: None, "--force", model={"segnet": {"filters": 8}}), ("does not fit this model",), existing_run=True),
+    BadInput("float16-checkpoint-on-a-cpu", "run_dir", existing(_trained_in_float16_under_auto), ("{run}/checkpoints was trained in mixed_float16 on a GPU", "resume this run on a GPU"), existing_run=True),
+    BadInput("precision-across-the-float16-line", "run_dir", existing(lambda ws: None, "--force", runtime={"precision": "mixed_float16"}), ("{run}/checkpoints was trained in float32 or mixed_bfloat16", "set runtime.precision back to auto"), existing_run=True),
     BadInput("disk-full-writing-config", "run_dir", change(), ("{run}: no space left on the device",), fault=_full_disk_in_run_dir),
     BadInput("disk-full-in-checkpoint-shards", "run_dir", existing(lambda ws: None, "--force", train={"epochs": 2}), ("{run}/checkpoints: no space left on the device",), existing_run=True, forced=True, fault=_full_disk_in_shards),
     BadInput("disk-full-in-checkpoint-merge", "run_dir", existing(lambda ws: None, "--force", train={"epochs": 2}), ("{run}/checkpoints: no space left on the device",), existing_run=True, forced=True, fault=_full_disk_in_merge),
