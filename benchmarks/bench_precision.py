@@ -36,7 +36,7 @@ from segnet.config import ExperimentConfig, load_config
 from segnet.losses import build_loss
 from segnet.models.registry import build_model
 from segnet.training.optimizers import build_optimizer
-from segnet.training.precision import choose_precision, read_cpu_flags
+from segnet.training.precision import choose_precision, precision_policy, read_cpu_flags
 from segnet.training.step import make_train_step
 
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -53,15 +53,11 @@ def cpu_flags() -> str:
 
 def step_for(config: ExperimentConfig, precision: str, batch: tuple) -> Callable[[], tf.Tensor]:
     """One training step of ``config``'s model built under ``precision``."""
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(precision)
-    try:
+    with precision_policy(precision):
         keras.utils.set_random_seed(0)
         model = build_model(config)
         optimizer = build_optimizer(config)
         optimizer.build(model.trainable_variables)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     train_step = make_train_step(
         model,
         optimizer,

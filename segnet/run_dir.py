@@ -31,6 +31,7 @@ from segnet.errors import ConfigError, RunDirError
 from segnet.files import atomic_write_text
 
 CONFIG_NAME = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
 FINGERPRINT_NAME = "fingerprint.json"
 
 

@@ -29,11 +29,10 @@ from segnet.config import ExperimentConfig, build_config, config_to_dict
 from segnet.data.preprocessing import DatasetFingerprint
 from segnet.errors import ConfigError, RunDirError, UserError
 from segnet.models.registry import build_model
-from segnet.run_dir import CONFIG_NAME, FINGERPRINT_NAME, stored_config
+from segnet.run_dir import CHECKPOINT_DIR, CONFIG_NAME, FINGERPRINT_NAME, stored_config
 from segnet.training.checkpoints import checkpoint_candidates
 
 log = logging.getLogger("segnet")
-CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
 # What may change between training and inference: how the sliding window runs and where the
 # held-out data lives. Everything else shaped the weights or their preprocessing.

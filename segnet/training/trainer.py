@@ -50,6 +50,7 @@ from segnet.files import atomic_write_text
 from segnet.losses import build_loss
 from segnet.models.registry import build_model
 from segnet.run_dir import (
+    CHECKPOINT_DIR,
     CONFIG_NAME,
     FINGERPRINT_NAME,
     check_run_dir,
@@ -67,7 +68,7 @@ from segnet.training.checkpoints import (
 from segnet.training.distribute import Cluster, WriteDir, build_strategy, synchronize_batchnorm
 from segnet.training.export import export_model
 from segnet.training.optimizers import build_optimizer
-from segnet.training.precision import choose_precision, precision_for_resume
+from segnet.training.precision import choose_precision, precision_for_resume, precision_policy
 from segnet.training.preemption import StopRequest
 from segnet.training.progress import EpochStats, Reporter, is_interactive, overlay_panel
 from segnet.training.stage1 import load_stage1_weights
@@ -143,7 +144,7 @@ def train(
     data = load_training_data(config)
     check_training_cases(config, data.train, model_spatial_dims(config))
     resuming = check_run_dir(run_dir, config, force)
-    checkpoint_dir = run_dir / "checkpoints"
+    checkpoint_dir = run_dir / CHECKPOINT_DIR
     precision = precision_for_resume(
         choose_precision(config.runtime.precision),
         config.runtime.precision,
@@ -162,7 +163,7 @@ def train(
     stored = config  # the run directory keeps "auto" as written; the session uses the choice
     config = replace(config, runtime=replace(config.runtime, precision=precision.name))
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_precision_policy(precision.name))
+        stack.enter_context(precision_policy(precision.name))
         write_dir = stack.enter_context(WriteDir(run_dir, cluster.is_chief, cluster.worker_index))
         stop = stack.enter_context(StopRequest())
         # Building the model restores the checkpoints, which fails when a --force'd config no
@@ -239,7 +240,7 @@ class _Session:
         )
         checkpoint = build_checkpoint(self.model, self.optimizer, self.state)
         self.checkpoints = Checkpoints(
-            checkpoint, run_dir / "checkpoints", write_dir / "checkpoints", config.checkpoint.keep
+            checkpoint, run_dir / CHECKPOINT_DIR, write_dir / CHECKPOINT_DIR, config.checkpoint.keep
         )
         self.restored = self.checkpoints.restore()
         self.last_saved = self.step if self.restored else -1
@@ -453,17 +454,6 @@ def _write_fingerprint(run_dir: Path, fingerprint: DatasetFingerprint) -> None:
         atomic_write_text(path, json.dumps(fingerprint.to_dict(), indent=1) + "\n")
     except OSError as exc:
         raise explain_os_error(exc, path) from None
-
-
-@contextlib.contextmanager
-def _precision_policy(name: str) -> Iterator[None]:
-    """Sets the Keras global dtype policy for the models built inside, then restores it."""
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(name)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 @contextlib.contextmanager

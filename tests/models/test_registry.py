@@ -27,6 +27,7 @@ from segnet.models.blocks import downsample_labels
 from segnet.models.registry import MODELS
 from segnet.models.segnet import SegNet
 from segnet.models.unet3d import UNet3D
+from segnet.training.precision import precision_policy
 
 CHANNELS, CLASSES = 2, 3
 TINY = {"depth": 2, "filters": 4}
@@ -152,10 +153,8 @@ def test_plain_keras_fit_trains_a_model_with_argmax_kernels() -> None:
 
 @pytest.fixture
 def mixed_bfloat16():
-    previous = keras.config.dtype_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    yield
-    keras.mixed_precision.set_global_policy(previous)
+    with precision_policy("mixed_bfloat16"):
+        yield
 
 
 @ROW

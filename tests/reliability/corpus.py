@@ -251,25 +251,20 @@ def _truncate_checkpoints(ws: Workspace) -> None:
 def _trained_in_float16_under_auto(ws: Workspace) -> None:
     """The run as a Volta GPU leaves it: started with ``runtime.precision: auto``, which chose
     mixed_float16 there, so its checkpoints hold a loss-scaled optimizer."""
-    import keras
-
     from segnet.config import build_config
     from segnet.models.registry import build_model
     from segnet.training.checkpoints import Checkpoints, TrainState, build_checkpoint
     from segnet.training.optimizers import build_optimizer
+    from segnet.training.precision import precision_policy
 
     _merge(ws.data, {"runtime": {"precision": "mixed_float16"}})
     float16 = build_config(ws.data)
     ws.data["runtime"]["precision"] = "auto"
     write_yaml(ws.run / "config.yaml", ws.data)
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
+    with precision_policy("mixed_float16"):
         model = build_model(float16)
         optimizer = build_optimizer(float16)
         optimizer.build(model.trainable_variables)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     checkpoints = ws.run / "checkpoints"
     shutil.rmtree(checkpoints)
     checkpoint = build_checkpoint(model, optimizer, TrainState.create())
