@@ -8,6 +8,7 @@ file at once. Load with :func:`load_config`; the result is what a run directory 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -552,8 +553,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def build_config(
     data: dict[str, Any], overrides: Sequence[str] = (), source: str | None = None
 ) -> ExperimentConfig:
-    """Validates plain data (plus ``key=value`` overrides) into an ExperimentConfig."""
-    data = dict(data)
+    """Validates plain data (plus ``key=value`` overrides) into an ExperimentConfig.
+
+    ``data`` is left as it was: the overrides go into a deep copy, so one mapping can seed
+    several configs.
+    """
+    data = copy.deepcopy(data)
     syntax_problems: list[str] = []
     for text in overrides:
         try:

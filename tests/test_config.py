@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import string
 from pathlib import Path
@@ -17,6 +18,7 @@ from segnet.config import (
     config_to_dict,
     config_to_yaml,
     load_config,
+    read_yaml,
 )
 from segnet.errors import ConfigError
 
@@ -127,6 +129,18 @@ def test_overrides_are_checked_like_the_file():
     assert any(p.startswith("train.epohcs: unknown key (did you mean 'epochs'?)") for p in problems)
     assert any(p.startswith("train.epochs: expected an integer") for p in problems)
     assert any("no_equals_sign" in p for p in problems)
+
+
+def test_overrides_leave_the_callers_mapping_alone():
+    # A benchmark that builds several variants from one YAML mapping once timed batch-1 steps
+    # as batch-2 ones, because an override had been written into the shared nested dict.
+    data = read_yaml(REPO / "configs" / "hippocampus_unet3d.yaml")
+    before = copy.deepcopy(data)
+    variant = build_config(data, ["train.batch_size=1", "data.patch_size=[32, 48, 32]"])
+    plain = build_config(data)
+    assert data == before
+    assert (variant.train.batch_size, variant.data.patch_size) == (1, (32, 48, 32))
+    assert (plain.train.batch_size, plain.data.patch_size) == (2, (40, 56, 40))
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path: Path):
