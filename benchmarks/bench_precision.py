@@ -51,6 +51,14 @@ def cpu_flags() -> str:
     return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
 
 
+def random_batch(config: ExperimentConfig, rng: np.random.Generator) -> tuple:
+    """(images, labels) of the config's batch and patch shape: the step's cost ignores values."""
+    shape = (config.train.batch_size, *config.data.patch_size)
+    images = tf.constant(rng.normal(size=(*shape, config.data.num_channels)), tf.float32)
+    labels = tf.constant(rng.integers(0, config.data.num_classes, size=shape), tf.uint8)
+    return images, labels
+
+
 def step_for(config: ExperimentConfig, precision: str, batch: tuple) -> Callable[[], tf.Tensor]:
     """One training step of ``config``'s model built under ``precision``."""
     with precision_policy(precision):
@@ -91,10 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config)
     shape = (config.train.batch_size, *config.data.patch_size)
-    rng = np.random.default_rng(0)
-    images = tf.constant(rng.normal(size=(*shape, config.data.num_channels)), tf.float32)
-    labels = tf.constant(rng.integers(0, config.data.num_classes, size=shape), tf.uint8)
-    steps = {p: step_for(config, p, (images, labels)) for p in PRECISIONS}
+    batch = random_batch(config, np.random.default_rng(0))
+    steps = {p: step_for(config, p, batch) for p in PRECISIONS}
 
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} cores; {_tf_env.onednn_status()}")
     print(f"CPU flags: {cpu_flags()}")

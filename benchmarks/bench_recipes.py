@@ -35,7 +35,7 @@ import os
 
 import numpy as np
 import tensorflow as tf
-from bench_precision import cpu_flags, step_for, time_interleaved
+from bench_precision import cpu_flags, random_batch, step_for, time_interleaved
 
 from segnet import _tf_env
 from segnet.config import build_config, read_yaml
@@ -78,11 +78,8 @@ def main() -> None:
     steps = {}
     voxels = {}
     for name, config in configs.items():
-        shape = (config.train.batch_size, *config.data.patch_size)
-        images = tf.constant(rng.normal(size=(*shape, config.data.num_channels)), tf.float32)
-        labels = tf.constant(rng.integers(0, config.data.num_classes, size=shape), tf.uint8)
-        steps[name] = step_for(config, precision.name, (images, labels))
-        voxels[name] = math.prod(shape)
+        steps[name] = step_for(config, precision.name, random_batch(config, rng))
+        voxels[name] = config.train.batch_size * math.prod(config.data.patch_size)
 
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} cores; {_tf_env.onednn_status()}")
     print(f"CPU flags: {cpu_flags()}")
