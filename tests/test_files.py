@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from segnet.errors import UserError
-from segnet.files import atomic_write_text, ensure_writable_dir
+from segnet.files import atomic_output, atomic_write_bytes, atomic_write_text, ensure_writable_dir
 
 FIX = "choose another folder"
 
@@ -67,3 +67,29 @@ def test_a_folder_without_write_permission_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(UserError, match=f"--output {tmp_path}: not writable; {FIX}"):
         ensure_writable_dir(tmp_path, "--output", FIX)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_mode_the_umask_gives_any_other_file(tmp_path, umask):
+    # mkstemp would make them 0600: unreadable by the group that shares the results.
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "metrics.json", "{}")
+        atomic_write_bytes(tmp_path / "montage.png", b"png")
+        (tmp_path / "reference.txt").write_text("any other tool's file", encoding="utf-8")
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(("metrics.json", "montage.png", "reference.txt"), expected)
+
+
+def test_atomic_output_keeps_the_suffix_and_removes_the_temporary_on_failure(tmp_path):
+    target = tmp_path / "case.nii.gz"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        assert tmp.name.endswith(".nii.gz") and tmp.name.startswith(".")
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz"]

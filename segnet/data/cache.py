@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from segnet.files import ensure_writable_dir
 from segnet.config import ExperimentConfig
 from segnet.data.case import PreprocessedCase
 from segnet.data.datasets import CaseFiles
@@ -51,6 +50,7 @@ from segnet.data.preprocessing import (
 )
 from segnet.data.volumes import int3
 from segnet.errors import UserError
+from segnet.files import atomic_write_text, ensure_writable_dir
 
 CACHE_VERSION = 1  # bump when the stored format or the preprocessing code's output changes
 _MARKER = "complete.json"
@@ -254,7 +254,5 @@ def load_or_compute_fingerprint(
     except (OSError, ValueError, UserError):
         pass  # absent or damaged: compute it again
     fingerprint = compute_fingerprint(train_cases, pre)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(fingerprint.to_dict(), indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(fingerprint.to_dict(), indent=1), fsync=False)
     return fingerprint

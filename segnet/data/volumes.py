@@ -9,10 +9,7 @@ orientation (RAS, LPS, oblique) or the qform/sform codes.
 from __future__ import annotations
 
 import base64
-import contextlib
 import errno
-import os
-import uuid
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +21,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from segnet.errors import DataError, UserError
+from segnet.files import atomic_output
 
 # Everything nibabel, gzip and zlib raise for a file that is not a readable NIfTI volume.
 _READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error, MemoryError)
@@ -337,11 +335,9 @@ def write_volume(
         raise UserError(
             f"cannot write {path}: {blocker} is a file, not a folder; choose another output folder"
         )
-    tmp = path.with_name(f".{path.name[: -len(suffix)]}.{os.getpid()}.{uuid.uuid4().hex}{suffix}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(image, str(tmp))
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            nib.save(image, str(tmp))
     except OSError as exc:
         if exc.errno in _UNWRITABLE:
             raise UserError(
@@ -350,7 +346,4 @@ def write_volume(
                 "another output folder"
             ) from None
         raise
-    finally:
-        with contextlib.suppress(OSError):  # after a failure; after success it was renamed
-            tmp.unlink(missing_ok=True)
     return path

@@ -15,14 +15,14 @@ panels when there is no ground truth). Voxels are drawn square whatever the in-p
 from __future__ import annotations
 
 import math
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from segnet.files import atomic_write_bytes
 
 # Class colours (RGB) for labels 1, 2, ...; background is not drawn. Chosen to stay distinct
 # on a grey image; labels beyond the table reuse it cyclically.
@@ -217,18 +217,6 @@ def write_montage(
         image = image[..., 0]
     views = [None if v is None else axial_view(v, orientation) for v in (image, prediction, label)]
     rgb = build_montage(*views)  # type: ignore[arg-type]
-    _atomic_write_bytes(Path(path), encode_png(rgb))
+    # A viewer polling the folder must never open half a PNG.
+    atomic_write_bytes(Path(path), encode_png(rgb), fsync=False)
     return rgb.shape[0], rgb.shape[1]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # A viewer polling the folder must never open half a PNG: write aside, then rename.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
