@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from segnet.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; FolderLock then only warns nobody
+    fcntl = None  # type: ignore[assignment]
 
 TEMPORARY_PREFIX = ".tmp-"  # hidden, so folder scans (predict's inputs, caches) skip them
 
@@ -95,3 +101,90 @@ def ensure_writable_dir(path: Path, what: str, fix: str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"{what} {path}: not writable; {fix}")
     return path
+
+
+class FolderBusyError(UserError):
+    """Another process holds the folder's lock."""
+
+
+class FolderLock:
+    """An exclusive advisory lock on a folder, held for a ``with`` block.
+
+    The lock is ``flock`` on the folder itself, so no lock file is left behind and the kernel
+    releases it when its process ends in any way, SIGKILL included: a killed owner never leaves
+    a folder locked. A folder the lock had to create is removed again at exit if it is still
+    empty, so a command that fails before writing anything leaves no trace.
+
+    Args:
+        path: the folder; created (with its parents) when missing.
+        busy: the message for ``FolderBusyError``; ``{pid}`` is replaced by the owner's process
+            id where the system tells it (``/proc/locks``), else by "unknown".
+    """
+
+    def __init__(self, path: Path, busy: str) -> None:
+        self.path = Path(path)
+        self.busy = busy
+        self._fd: int | None = None
+        self._created: Path | None = None
+
+    def __enter__(self) -> FolderLock:
+        self._created = _first_missing(self.path)
+        while True:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    owner = _lock_owner(fd)
+                    os.close(fd)
+                    raise FolderBusyError(self.busy.format(pid=owner or "unknown")) from None
+            # The owner before us may have removed the (empty) folder after we opened it:
+            # a lock on a deleted folder guards nothing, so take the one now at the path.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self._fd = fd
+                    return self
+            os.close(fd)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is None:
+            return
+        self._remove_if_created()  # while still holding the lock: nobody else is inside
+        os.close(self._fd)  # closing the last descriptor releases the flock
+        self._fd = None
+
+    def _remove_if_created(self) -> None:
+        if self._created is None:
+            return
+        with contextlib.suppress(OSError):  # not empty (the command wrote into it): keep it
+            path = self.path
+            while True:
+                path.rmdir()
+                if path == self._created:
+                    break
+                path = path.parent
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None if it exists)."""
+    missing = None
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def _lock_owner(fd: int) -> str | None:
+    """The pid holding an flock on the file behind ``fd``, from ``/proc/locks`` (Linux)."""
+    inode = os.fstat(fd).st_ino
+    try:
+        text = Path("/proc/locks").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        match = re.search(r"FLOCK\s+\S+\s+WRITE\s+(\d+)\s+[0-9a-f]+:[0-9a-f]+:(\d+)\s", line)
+        if match and int(match.group(2)) == inode:
+            return match.group(1)
+    return None

@@ -15,12 +15,20 @@ Layout::
 
 Running again on the same directory resumes; a different config is refused unless forced,
 so a resumed run can never silently change its experiment.
+
+Ownership: the first file segnet writes into a run directory is the marker ``.segnet-run``.
+A folder that is not empty and has no marker belongs to somebody else and is refused (a run
+made before the marker existed is recognised by its readable ``config.yaml`` and adopted). One
+training process at a time holds a run directory (:func:`hold_run_dir`); the lock dies with
+its process, so a SIGKILLed run never leaves its directory locked.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -28,11 +36,16 @@ import yaml
 
 from segnet.config import ExperimentConfig, build_config, config_to_dict, config_to_yaml
 from segnet.errors import ConfigError, RunDirError
-from segnet.files import atomic_write_text
+from segnet.files import TEMPORARY_PREFIX, FolderLock, atomic_write_text
 
 CONFIG_NAME = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 FINGERPRINT_NAME = "fingerprint.json"
+MARKER_NAME = ".segnet-run"  # written first: what makes a folder recognisably a segnet run
+# A marker that a kill interrupted mid-write (files.atomic_output's temporary name).
+_PARTIAL_MARKER = re.compile(
+    rf"{re.escape(TEMPORARY_PREFIX)}\d+-[0-9a-f]+-{re.escape(MARKER_NAME)}"
+)
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:
@@ -105,6 +118,7 @@ def check_run_dir(run_dir: Path, config: ExperimentConfig, force: bool = False) 
         )
     if not os.access(probe, os.W_OK | os.X_OK):
         raise RunDirError(f"{probe}: not writable; fix the permissions or choose another --run-dir")
+    check_ownership(run_dir)
     old = stored_config(run_dir)
     if old is None:
         return False
@@ -119,6 +133,42 @@ def check_run_dir(run_dir: Path, config: ExperimentConfig, force: bool = False) 
     return True
 
 
+def check_ownership(run_dir: Path) -> None:
+    """Refuses a folder that is not empty and not a segnet run, before anything is written.
+
+    Raises:
+        RunDirError: ``run_dir`` holds files but neither the marker nor a run's config.
+    """
+    if not run_dir.is_dir() or (run_dir / MARKER_NAME).is_file():
+        return
+    if (run_dir / CONFIG_NAME).is_file():
+        return  # a run from before the marker: stored_config() checks that it is one
+    foreign = sorted(p.name for p in run_dir.iterdir() if not _PARTIAL_MARKER.fullmatch(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise RunDirError(
+            f"--run-dir {run_dir}: not a segnet run directory (no {MARKER_NAME}) and not empty "
+            f"({shown}); segnet never writes into a folder it did not create: choose a new "
+            "or empty folder"
+        )
+
+
+def hold_run_dir(run_dir: Path) -> FolderLock:
+    """The lock one training process holds on ``run_dir`` (use as ``with``); creates it.
+
+    Raises:
+        FolderBusyError: another process is training in it.
+    """
+    return FolderLock(
+        run_dir,
+        busy=f"--run-dir {run_dir}: another training process (pid {{pid}}) is using this run "
+        "directory; wait for it to finish or stop it (it saves and resumes), or choose another "
+        "--run-dir",
+    )
+
+
 def _nearest_existing_parent(path: Path) -> Path:
     path = path.absolute()
     while not path.exists():
@@ -127,9 +177,13 @@ def _nearest_existing_parent(path: Path) -> Path:
 
 
 def initialise_run_dir(run_dir: Path, config: ExperimentConfig) -> None:
-    """Creates the directory and stores the resolved config (keeping any older one)."""
+    """Creates the directory, marks it as a run, and stores the resolved config (keeping any
+    older one)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        marker = run_dir / MARKER_NAME
+        if not marker.is_file():
+            atomic_write_text(marker, _marker_text())
         path = run_dir / CONFIG_NAME
         text = config_to_yaml(config)
         if path.exists() and path.read_text(encoding="utf-8") != text:
@@ -138,3 +192,11 @@ def initialise_run_dir(run_dir: Path, config: ExperimentConfig) -> None:
         atomic_write_text(path, text)
     except OSError as exc:
         raise explain_os_error(exc, run_dir) from None
+
+
+def _marker_text() -> str:
+    from segnet import __version__
+
+    created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    note = "this folder is a segnet run directory: config, checkpoints, logs and results"
+    return json.dumps({"segnet": __version__, "created": created, "note": note}, indent=1) + "\n"

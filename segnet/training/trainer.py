@@ -56,6 +56,7 @@ from segnet.run_dir import (
     check_run_dir,
     default_run_dir,
     explain_os_error,
+    hold_run_dir,
     initialise_run_dir,
 )
 from segnet.training.checkpoints import (
@@ -68,7 +69,12 @@ from segnet.training.checkpoints import (
 from segnet.training.distribute import Cluster, WriteDir, build_strategy, synchronize_batchnorm
 from segnet.training.export import export_model
 from segnet.training.optimizers import build_optimizer
-from segnet.training.precision import choose_precision, precision_for_resume, precision_policy
+from segnet.training.precision import (
+    Precision,
+    choose_precision,
+    precision_for_resume,
+    precision_policy,
+)
 from segnet.training.preemption import StopRequest
 from segnet.training.progress import EpochStats, Reporter, is_interactive, overlay_panel
 from segnet.training.stage1 import load_stage1_weights
@@ -143,8 +149,37 @@ def train(
     cluster = build_strategy(config)
     data = load_training_data(config)
     check_training_cases(config, data.train, model_spatial_dims(config))
-    resuming = check_run_dir(run_dir, config, force)
-    checkpoint_dir = run_dir / CHECKPOINT_DIR
+    check_run_dir(run_dir, config, force)  # fails fast, before the lock creates the folder
+    with contextlib.ExitStack() as stack:
+        if cluster.is_chief:  # the other workers write only into temporary folders
+            try:
+                stack.enter_context(hold_run_dir(run_dir))
+            except OSError as exc:
+                raise explain_os_error(exc, run_dir) from None
+        # Again, now that no other process can be writing the run directory.
+        resuming = check_run_dir(run_dir, config, force)
+        precision = _session_precision(config, cluster, run_dir / CHECKPOINT_DIR)
+        stored = config  # the run directory keeps "auto" as written; the session uses the choice
+        config = replace(config, runtime=replace(config.runtime, precision=precision))
+        stack.enter_context(precision_policy(precision))
+        write_dir = stack.enter_context(WriteDir(run_dir, cluster.is_chief, cluster.worker_index))
+        stop = stack.enter_context(StopRequest())
+        # Building the model restores the checkpoints, which fails when a --force'd config no
+        # longer fits them; nothing is written before that, so the stored config stays true.
+        session = _Session(config, cluster, data, run_dir, write_dir.path, stop)
+        if cluster.is_chief:
+            initialise_run_dir(run_dir, stored)
+            _write_fingerprint(run_dir, data.fingerprint)
+            stack.enter_context(_log_file(run_dir / "train.log"))
+        log.info("%s %s", "resuming" if resuming else "starting", run_dir)
+        return session.run(quiet)
+
+
+def _session_precision(
+    config: ExperimentConfig, cluster: Cluster, checkpoint_dir: Path
+) -> Precision:
+    """The precision this session trains in (``auto`` resolved, kept to the checkpoints' side
+    of the float16 line), logged with its reason."""
     precision = precision_for_resume(
         choose_precision(config.runtime.precision),
         config.runtime.precision,
@@ -160,21 +195,7 @@ def train(
         precision.reason,
         "on" if config.runtime.jit_compile else "off",
     )
-    stored = config  # the run directory keeps "auto" as written; the session uses the choice
-    config = replace(config, runtime=replace(config.runtime, precision=precision.name))
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(precision_policy(precision.name))
-        write_dir = stack.enter_context(WriteDir(run_dir, cluster.is_chief, cluster.worker_index))
-        stop = stack.enter_context(StopRequest())
-        # Building the model restores the checkpoints, which fails when a --force'd config no
-        # longer fits them; nothing is written before that, so the stored config stays true.
-        session = _Session(config, cluster, data, run_dir, write_dir.path, stop)
-        if cluster.is_chief:
-            initialise_run_dir(run_dir, stored)
-            _write_fingerprint(run_dir, data.fingerprint)
-            stack.enter_context(_log_file(run_dir / "train.log"))
-        log.info("%s %s", "resuming" if resuming else "starting", run_dir)
-        return session.run(quiet)
+    return precision.name
 
 
 def model_spatial_dims(config: ExperimentConfig) -> int:

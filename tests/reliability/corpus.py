@@ -233,6 +233,26 @@ def _file_at(path: Path) -> Path:
     return path
 
 
+def _users_folder(ws: Workspace) -> Path:
+    """A folder of the user's own results, which segnet once rewrote and deleted."""
+    folder = ws.tmp / "my-results"
+    (folder / "export" / "saved_model").mkdir(parents=True)
+    (folder / "export" / "saved_model" / "saved_model.pb").write_bytes(b"the user's model")
+    (folder / "metrics.csv").write_text("epoch,loss\n1,0.5\n")
+    return folder
+
+
+def _run_dir_held_by_another_process(monkeypatch: pytest.MonkeyPatch, ws: Workspace) -> None:
+    """Another process holds the run directory's lock (the real two-process case is in
+    test_concurrency.py; here flock says so, as it does then)."""
+    import fcntl
+
+    def flock(fd: int, operation: int) -> None:
+        raise BlockingIOError(errno.EWOULDBLOCK, os.strerror(errno.EWOULDBLOCK))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
 def existing(edit: Callable[[Workspace], None], *extra: str, **sections: Any) -> Make:
     """The trained run, edited by ``edit``, resumed with ``sections`` merged into its config."""
 
@@ -467,6 +487,8 @@ RUN_DIR = [
     BadInput("run-dir-is-a-file", "run_dir", run_dir_at(lambda ws: _file_at(ws.tmp / "run-file")), ("--run-dir {tmp}/run-file is a file, not a directory",)),
     BadInput("run-dir-under-a-file", "run_dir", run_dir_at(lambda ws: _file_at(ws.tmp / "plain-file") / "run"), ("--run-dir {tmp}/plain-file/run: {tmp}/plain-file is a file, not a directory",), subprocess=True),
     BadInput("run-dir-in-proc", "run_dir", run_dir_at(lambda ws: Path("/proc/segnet-reliability/run")), ("/proc/segnet-reliability/run",)),
+    BadInput("run-dir-holds-users-files", "run_dir", run_dir_at(_users_folder), ("--run-dir {tmp}/my-results: not a segnet run directory", "metrics.csv"), subprocess=True),
+    BadInput("run-dir-in-use", "run_dir", existing(lambda ws: None), ("--run-dir {run}: another training process",), existing_run=True, fault=_run_dir_held_by_another_process),
     BadInput("different-experiment", "run_dir", existing(lambda ws: None, train={"epochs": 2}), ("{run}/config.yaml holds a different experiment (train.epochs: 1 -> 2)", "--force"), existing_run=True),
     BadInput("config-not-a-segnet-config", "run_dir", existing(lambda ws: (ws.run / "config.yaml").write_text("- a list\n")), ("{run}/config.yaml is not a readable segnet config",), existing_run=True),
     BadInput("every-checkpoint-unreadable", "run_dir", existing(_truncate_checkpoints), ("{run}/checkpoints: no checkpoint can be read",), existing_run=True),
