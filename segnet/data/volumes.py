@@ -287,9 +287,13 @@ def _exact_cast(array: np.ndarray, dtype: np.dtype, path: Path) -> np.ndarray:
     return array.astype(dtype)
 
 
-def _image_for(array: np.ndarray, geometry: Geometry, dtype: np.dtype) -> nib.Nifti1Image:
+def _image_for(
+    array: np.ndarray, geometry: Geometry, dtype: np.dtype, description: str | None
+) -> nib.Nifti1Image:
     header = geometry.header.copy()
     header.set_data_dtype(dtype)
+    if description is not None:
+        header["descrip"] = description.encode("utf-8")[:79]  # the field holds 80 bytes
     header.set_slope_inter(None, None)  # data already has the on-disk dtype: store it unscaled
     if dtype != geometry.dtype:
         header["cal_min"], header["cal_max"] = 0, 0  # the source's display window is stale
@@ -302,6 +306,7 @@ def write_volume(
     array: np.ndarray,
     geometry: Geometry,
     dtype: np.dtype | type | str | None = None,
+    description: str | None = None,
 ) -> Path:
     """Writes ``array`` on ``geometry``'s grid, atomically (a reader never sees half a file).
 
@@ -311,6 +316,7 @@ def write_volume(
             to ``geometry.shape``.
         geometry: typically from :func:`read_volume` of the scan the array belongs to.
         dtype: on-disk dtype; None keeps the array's (bool -> uint8, int64 -> int32).
+        description: the header's ``descrip`` text (80 bytes); None keeps the geometry's.
 
     Returns:
         The written path.
@@ -329,7 +335,7 @@ def write_volume(
             f"grid {geometry.shape}"
         )
     out_dtype = _output_dtype(array, dtype)
-    image = _image_for(_exact_cast(array, out_dtype, path), geometry, out_dtype)
+    image = _image_for(_exact_cast(array, out_dtype, path), geometry, out_dtype, description)
     blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise UserError(
@@ -347,3 +353,15 @@ def write_volume(
             ) from None
         raise
     return path
+
+
+def header_description(path: Path) -> str | None:
+    """The ``descrip`` text of a NIfTI file's header; None when it is not a readable NIfTI."""
+    try:
+        header = nib.load(str(path)).header
+    except _READ_ERRORS:
+        return None
+    if not isinstance(header, nib.Nifti1Header):  # NIfTI-2 headers derive from it too
+        return None
+    raw = header["descrip"].item()
+    return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)

@@ -25,6 +25,10 @@ Outputs, in ``--output``, each written atomically:
 
 A case that cannot be read or is malformed is reported in one line naming its file and the
 reason, and skipped; the others are still written.
+
+Every output path is checked before the first is written: none may be an input file, and an
+existing file may only be replaced if segnet wrote it (its header's ``descrip`` starts with
+``segnet``), so a user's own volume in the output folder is never overwritten.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from tqdm import tqdm
 from segnet.config import ExperimentConfig
 from segnet.data.datasets import CaseFiles
 from segnet.data.preprocessing import DatasetFingerprint, preprocess, restore_to_original
-from segnet.data.volumes import Geometry, read_channels, write_volume
+from segnet.data.volumes import Geometry, header_description, read_channels, write_volume
 from segnet.errors import DataError, UserError
 from segnet.files import ensure_writable_dir
 from segnet.inference import loading
@@ -57,6 +61,7 @@ log = logging.getLogger("segnet")
 _NIFTI = re.compile(r"^(?P<stem>[^.].*?)\.nii(\.gz)?$")  # hidden files are temporaries
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
+OUTPUT_DESCRIPTION = "segnet prediction"  # in every written header: marks files we may replace
 
 
 class InferenceOutOfMemory(UserError):
@@ -239,15 +244,62 @@ def write_segmentation(
     output_dir: Path, case_id: str, segmentation: Segmentation, geometry: Geometry
 ) -> Path:
     """Writes ``<case>.nii.gz`` (and the probabilities when present); returns the label path."""
-    path = write_volume(output_dir / f"{case_id}.nii.gz", segmentation.labels, geometry, np.uint8)
+    labels, probabilities = output_paths(output_dir, case_id)
+    write_volume(labels, segmentation.labels, geometry, np.uint8, OUTPUT_DESCRIPTION)
     if segmentation.probabilities is not None:
         write_volume(
-            output_dir / f"{case_id}{PROBABILITIES_SUFFIX}",
-            segmentation.probabilities,
-            geometry,
-            np.float32,
+            probabilities, segmentation.probabilities, geometry, np.float32, OUTPUT_DESCRIPTION
         )
-    return path
+    return labels
+
+
+def output_paths(output_dir: Path, case_id: str) -> tuple[Path, Path]:
+    """Where a case's label map and probabilities go."""
+    return output_dir / f"{case_id}.nii.gz", output_dir / f"{case_id}{PROBABILITIES_SUFFIX}"
+
+
+def check_outputs(
+    cases: Sequence[CaseFiles], inputs: Sequence[Path], output_dir: Path, probabilities: bool
+) -> None:
+    """Refuses, before anything is written, any output that would replace an input file or a
+    file segnet did not write.
+
+    Args:
+        cases: the cases to be written.
+        inputs: every input file given, including those that formed no case (a ``scan.nii``
+            beside ``scan.nii.gz`` is one case, yet both are the user's scans).
+        output_dir: the output folder.
+        probabilities: whether probability maps will be written too.
+
+    Raises:
+        UserError: listing every clash.
+    """
+    given = {_identity(p) for p in inputs} - {None}
+    clashes = []
+    for case in cases:
+        labels, probability_map = output_paths(output_dir, case.case_id)
+        for path in (labels, probability_map) if probabilities else (labels,):
+            if _identity(path) in given:
+                clashes.append(f"{path} is an input scan")
+            elif path.exists() and not (header_description(path) or "").startswith("segnet"):
+                clashes.append(f"{path} exists and was not written by segnet")
+    if clashes:
+        shown = "; ".join(clashes[:5]) + (
+            f"; and {len(clashes) - 5} more" if len(clashes) > 5 else ""
+        )
+        raise UserError(
+            f"--output {output_dir}: writing the predictions would replace files that are not "
+            f"segnet's ({shown}); nothing was written: choose another --output folder"
+        )
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode): the same file under any name, symbolic or hard link."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +339,9 @@ def predict_files(
     cases, failures = collect_cases(inputs, config.data.num_channels)
     if not cases and not failures:
         raise UserError(f"--input {' '.join(map(str, inputs))}: no .nii or .nii.gz files found")
-    predictor = load_predictor(run_dir, config, ref) if cases else None
     keep_probabilities = config.evaluation.save_probabilities
+    check_outputs(cases, _expand(inputs, []), output_dir, keep_probabilities)
+    predictor = load_predictor(run_dir, config, ref) if cases else None
     written = 0
     for case in tqdm(cases, desc="Predicting", unit="case", disable=not is_interactive(quiet)):
         try:
@@ -307,14 +360,6 @@ def predict_files(
 def _predict_one(
     predictor: Predictor, case: CaseFiles, output_dir: Path, keep_probabilities: bool
 ) -> None:
-    destination = (output_dir / f"{case.case_id}.nii.gz").resolve()
-    if destination in {p.resolve() for p in case.images}:
-        raise DataError(
-            [
-                f"{destination}: writing the prediction would replace the input scan; "
-                "choose another --output folder"
-            ]
-        )
     image, geometry = read_case(case, predictor.config.data.num_channels)
     segmentation = predictor.segment(image, geometry, keep_probabilities)
     write_segmentation(output_dir, case.case_id, segmentation, geometry)

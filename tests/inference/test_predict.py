@@ -342,3 +342,44 @@ def test_run_without_checkpoints_says_train_first(tmp_path: Path):
     initialise_run_dir(run, make_config())
     with pytest.raises(RunDirError, match=r"no checkpoint in .*checkpoints: train first"):
         predict_files(run, [tmp_path], tmp_path / "out", quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs never replace what the user had
+# ---------------------------------------------------------------------------------------------
+def _fingerprints(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_scan_nii_beside_scan_nii_gz_is_never_overwritten(run_dir: Path, tmp_path: Path):
+    # The input folder is also the output: scan.nii.gz is the prediction's own name.
+    folder = tmp_path / "in"
+    write_two_channel_case(folder, "other")
+    image, _ = phantom()
+    write_scan(folder / "scan.nii", np.stack([image, image], -1))
+    write_scan(folder / "scan.nii.gz", np.stack([image, image * 3], -1))
+    before = _fingerprints(folder)
+    with pytest.raises(UserError) as caught:
+        predict_files(run_dir, [folder], folder, quiet=True)
+    assert str(folder / "scan.nii.gz") in str(caught.value)
+    assert _fingerprints(folder) == before  # not even the other cases were written
+
+
+def test_a_users_file_under_an_output_name_is_refused(run_dir: Path, tmp_path: Path):
+    write_two_channel_case(tmp_path / "in", "case")
+    output = tmp_path / "out"
+    image, _ = phantom()
+    write_scan(output / "case.nii.gz", image)  # the user's own segmentation, same name
+    before = _fingerprints(output)
+    with pytest.raises(UserError, match="not written by segnet"):
+        predict_files(run_dir, [tmp_path / "in"], output, quiet=True)
+    assert _fingerprints(output) == before
+
+
+def test_segnets_own_earlier_predictions_are_replaced(run_dir: Path, tmp_path: Path):
+    write_two_channel_case(tmp_path / "in", "case")
+    output = tmp_path / "out"
+    assert predict_files(run_dir, [tmp_path / "in"], output, quiet=True) == []
+    header = nib.load(str(output / "case.nii.gz")).header
+    assert header["descrip"].item().startswith(b"segnet")
+    assert predict_files(run_dir, [tmp_path / "in"], output, "latest", quiet=True) == []

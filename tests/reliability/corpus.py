@@ -384,6 +384,17 @@ def _not_nifti(ws: Workspace) -> Path:
     return path
 
 
+def _scan_pair_in_output(ws: Workspace) -> Path:
+    """``scan.nii`` and ``scan.nii.gz`` in the folder that is also ``--output``: the prediction
+    of one would be written over the other."""
+    ws.out.mkdir()
+    first = _scan(ws, name="scan.nii")
+    second = _scan(ws, name="scan.nii.gz")
+    for path in (first, second):
+        path.rename(ws.out / path.name)
+    return ws.out
+
+
 def _truncated_copy(ws: Workspace) -> str:
     truncate(LABEL)(ws.root)
     return str(ws.root)
@@ -510,6 +521,7 @@ INFERENCE = [
     BadInput("predict-input-not-nifti", "inference", predict(_not_nifti), ("{tmp}/inputs/scan.nii.gz", "not a readable NIfTI file"), program="predict", existing_run=True, subprocess=True),
     BadInput("predict-input-2d", "inference", predict(lambda ws: _scan(ws, np.zeros((17, 18), np.float32))), ("{tmp}/inputs/scan.nii.gz", "expected a 3D volume"), program="predict", existing_run=True),
     BadInput("predict-input-nan", "inference", predict(_nan_scan), ("scan.nii.gz: 1 voxels are NaN or infinite",), program="predict", existing_run=True),
+    BadInput("predict-output-would-replace-an-input", "inference", predict(_scan_pair_in_output), ("--output {out}", "{out}/scan.nii.gz is an input scan"), program="predict", existing_run=True, subprocess=True),
     BadInput("predict-output-is-a-file", "inference", predict(_scan, lambda ws: _file_at(ws.tmp / "out-file")), ("--output {tmp}/out-file: is a file, not a folder",), program="predict", existing_run=True),
     BadInput("predict-output-under-a-file", "inference", predict(_scan, lambda ws: _file_at(ws.tmp / "out-file") / "out"), ("--output {tmp}/out-file/out: cannot create the folder",), program="predict", existing_run=True),
 ]
