@@ -22,8 +22,12 @@ name>-on-<data name>/`` with ``--data``, so other data never replaces the held-o
 ``metrics.json`` (config, checkpoint, per-class summary, per-case values, the empty-mask
 policy), ``per_case.csv``, ``predictions/<case>.nii.gz`` (plus probabilities with
 ``evaluation.save_probabilities``) and ``montages/<case>.png`` (with ``evaluation.montage``).
-Predictions and montages an earlier evaluation left in the folder for cases not evaluated now
-are removed, so the folder matches its ``metrics.json``. A summary table is printed; with
+Each evaluation is written aside, into a hidden ``.<name>.partial-*`` folder, and swapped in
+only when complete (``metrics.json`` last), so a folder always matches its ``metrics.json``: a
+kill mid-evaluation leaves the previous complete evaluation in place (or restores it, on the
+next run, when the kill fell between the two renames of the swap) and the next evaluation says
+so. One evaluation process at a time writes a run's ``evaluation/`` folder (training may run
+meanwhile). A summary table is printed; with
 ``--checkpoint all`` a ranking by mean foreground Dice is printed too and kept in
 ``<run>/evaluation/ranking.txt`` (``ranking-on-<data name>.txt``).
 """
@@ -33,6 +37,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import re
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +54,9 @@ from segnet.data.volumes import read_volume
 from segnet.errors import ConfigError, UserError
 from segnet.evaluation import report
 from segnet.evaluation.montage import write_montage
-from segnet.files import atomic_write_text, ensure_writable_dir
+from segnet.files import FolderLock, atomic_write_text, ensure_writable_dir
 from segnet.inference import loading
 from segnet.inference.predict import (
-    PROBABILITIES_SUFFIX,
     Predictor,
     load_predictor,
     read_case,
@@ -60,6 +67,8 @@ from segnet.training.progress import is_interactive
 
 log = logging.getLogger("segnet")
 EVALUATION_DIR = "evaluation"
+# The hidden folders of an evaluation being written (partial) or being replaced (old).
+_STAGED = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-\d+-[0-9a-f]+")
 
 
 def evaluate_run(
@@ -87,18 +96,20 @@ def evaluate_run(
     run_dir = Path(run_dir)
     config = loading.load_run_config(run_dir, overrides)
     refs = loading.resolve_checkpoints(run_dir, checkpoint, allow_all=True)
-    ensure_writable_dir(
+    evaluation_dir = ensure_writable_dir(
         run_dir / EVALUATION_DIR, "evaluation folder", "fix the permissions of the run directory"
     )
     config, cases = evaluation_cases(config, data)
     class_names = dataset_class_names(config)
     results: dict[str, Any] = {}
-    for ref in refs:
-        folder = run_dir / EVALUATION_DIR / evaluation_folder_name(ref.name, data)
-        document = evaluate_checkpoint(run_dir, config, ref, cases, class_names, quiet, folder)
-        results[ref.name] = document
-        print(f"\n{ref.name} ({ref.path}), {len(cases)} cases:")
-        print(report.summary_table(document["summary"], class_names))
+    with _hold(evaluation_dir):
+        recover_interrupted(evaluation_dir)
+        for ref in refs:
+            folder = evaluation_dir / evaluation_folder_name(ref.name, data)
+            document = evaluate_checkpoint(run_dir, config, ref, cases, class_names, quiet, folder)
+            results[ref.name] = document
+            print(f"\n{ref.name} ({ref.path}), {len(cases)} cases:")
+            print(report.summary_table(document["summary"], class_names))
     if len(refs) > 1:
         ranking = report.ranking_table({name: doc["summary"] for name, doc in results.items()})
         ranking_file = evaluation_folder_name("ranking", data) + ".txt"
@@ -119,31 +130,105 @@ def evaluate_checkpoint(
     """Predicts and scores ``cases`` with one checkpoint; writes its evaluation folder.
 
     Args:
-        out_dir: the folder (default ``<run_dir>/evaluation/<checkpoint name>``). Predictions
-            and montages an earlier evaluation left there for other cases are removed at the
-            end, so the folder always matches its ``metrics.json``.
+        out_dir: the folder (default ``<run_dir>/evaluation/<checkpoint name>``). It is written
+            aside and swapped in when complete, replacing an earlier evaluation as a whole.
 
     Returns:
         The metrics document (see ``report.metrics_document``).
     """
     out_dir = out_dir or run_dir / EVALUATION_DIR / ref.name
     predictor = load_predictor(run_dir, config, ref)
-    per_case: dict[str, dict[int, ClassMetrics]] = {}
-    bar = tqdm(cases, desc=f"Evaluating {ref.name}", unit="case", disable=not is_interactive(quiet))
-    for case in bar:
-        per_case[case.case_id] = evaluate_case(predictor, case, out_dir)
-    document = report.metrics_document(
-        config=config_to_dict(config),
-        checkpoint=ref.path,
-        summary=summarize(list(per_case.values())),
-        per_case=per_case,
-        class_names=class_names,
-    )
-    report.write_json(out_dir / "metrics.json", document)
-    report.write_per_case_csv(out_dir / "per_case.csv", per_case)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        per_case: dict[str, dict[int, ClassMetrics]] = {}
+        bar = tqdm(
+            cases, desc=f"Evaluating {ref.name}", unit="case", disable=not is_interactive(quiet)
+        )
+        for case in bar:
+            per_case[case.case_id] = evaluate_case(predictor, case, staging)
+        document = report.metrics_document(
+            config=config_to_dict(config),
+            checkpoint=ref.path,
+            summary=summarize(list(per_case.values())),
+            per_case=per_case,
+            class_names=class_names,
+        )
+        report.write_per_case_csv(staging / "per_case.csv", per_case)
+        report.write_json(staging / "metrics.json", document)  # last: the folder is complete
+        _swap_in(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
     log.info("wrote %s", out_dir / "metrics.json")
-    _remove_stale_outputs(out_dir, [case.case_id for case in cases], config)
     return document
+
+
+def _hold(evaluation_dir: Path) -> FolderLock:
+    return FolderLock(
+        evaluation_dir,
+        busy=f"{evaluation_dir}: another evaluation (pid {{pid}}) is writing here; wait for it "
+        "to finish",
+    )
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Replaces ``final`` by the complete ``staging`` folder: two renames, then the old one is
+    deleted. A kill between the renames is repaired by :func:`recover_interrupted`. Files of the
+    user's in the old folder (anything evaluation does not write) are linked into the new one
+    first, so replacing the folder never loses them."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        _keep_foreign_files(final, staging)
+        os.rename(final, old)
+    os.rename(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_OWN_FILES = re.compile(
+    r"metrics\.json|per_case\.csv|predictions/[^/]+\.nii\.gz|montages/[^/]+\.png"
+)
+
+
+def _keep_foreign_files(old: Path, new: Path) -> None:
+    for path in old.rglob("*"):
+        relative = path.relative_to(old)
+        if path.is_dir() or _OWN_FILES.fullmatch(relative.as_posix()):
+            continue
+        target = new / relative
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)  # a second name: the old folder keeps its own until deleted
+        except OSError:
+            shutil.copy2(path, target)
+
+
+def recover_interrupted(evaluation_dir: Path) -> list[str]:
+    """Cleans up after evaluations that were killed; call it holding the folder's lock.
+
+    A partial folder is deleted (it was never complete). An old folder whose replacement is
+    missing (the kill fell between the two renames of a swap) is put back: it is the last
+    complete evaluation. Each repair is logged as a warning.
+
+    Returns:
+        One line per repair.
+    """
+    repairs = []
+    for path in sorted(evaluation_dir.iterdir()):
+        match = _STAGED.fullmatch(path.name)
+        if match is None or not path.is_dir():
+            continue
+        final = evaluation_dir / match["name"]
+        if match["kind"] == "old" and not final.exists():
+            os.rename(path, final)
+            repairs.append(f"{final}: restored the previous evaluation (the last one was killed)")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            if match["kind"] == "partial":
+                repairs.append(f"{final}: removed an evaluation that was killed before it ended")
+    for line in repairs:
+        log.warning("%s", line)
+    return repairs
 
 
 def evaluation_folder_name(checkpoint_name: str, data: str | None) -> str:
@@ -155,22 +240,6 @@ def evaluation_folder_name(checkpoint_name: str, data: str | None) -> str:
     for suffix in (".yaml", ".yml"):
         name = name.removesuffix(suffix)
     return f"{checkpoint_name}-on-{name}"
-
-
-def _remove_stale_outputs(out_dir: Path, case_ids: list[str], config: ExperimentConfig) -> None:
-    """Deletes the predictions and montages in ``out_dir`` that this evaluation did not write
-    (cases of an earlier evaluation, probability maps no longer asked for)."""
-    expected = {f"predictions/{c}.nii.gz" for c in case_ids}
-    if config.evaluation.save_probabilities:
-        expected |= {f"predictions/{c}{PROBABILITIES_SUFFIX}" for c in case_ids}
-    if config.evaluation.montage:
-        expected |= {f"montages/{c}.png" for c in case_ids}
-    ours = [*out_dir.glob("predictions/*.nii.gz"), *out_dir.glob("montages/*.png")]
-    stale = [p for p in ours if p.relative_to(out_dir).as_posix() not in expected]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    if stale:
-        log.info("removed %d outputs of an earlier evaluation from %s", len(stale), out_dir)
 
 
 def evaluate_case(predictor: Predictor, case: CaseFiles, out_dir: Path) -> dict[int, ClassMetrics]:

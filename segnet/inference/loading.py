@@ -30,7 +30,7 @@ from segnet.data.preprocessing import DatasetFingerprint
 from segnet.errors import ConfigError, RunDirError, UserError
 from segnet.models.registry import build_model
 from segnet.run_dir import CHECKPOINT_DIR, CONFIG_NAME, FINGERPRINT_NAME, stored_config
-from segnet.training.checkpoints import checkpoint_candidates
+from segnet.training.checkpoints import checkpoint_candidates, verify_checkpoint
 
 log = logging.getLogger("segnet")
 BEST_DIR = "best"
@@ -216,6 +216,13 @@ def load_model(config: ExperimentConfig, ref: CheckpointRef) -> keras.Model:
     """
     if ref.is_keras_file:
         return _load_keras_file(config, ref.path)
+    damage = verify_checkpoint(ref.path)  # a truncated data file would fail deep in restore
+    if damage is not None:
+        raise RunDirError(
+            f"{ref.path}: the checkpoint is damaged ({damage}); pass another one with "
+            "--checkpoint (latest, best, or a path under checkpoints/), or resume training to "
+            "write a new one"
+        )
     model = build_model(config)
     # The trainer lists the model's non-trainable variables (BatchNorm statistics, seed states)
     # next to the model, because Keras 3 does not expose all of them to tf.train tracking; a

@@ -245,7 +245,8 @@ def verify_checkpoint(path: str) -> str | None:
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)
     except Exception as exc:
-        # surfaces as IndexError, bad bytes as DataLossError, a missing file as NotFoundError)
+        # Any failure means damage, whatever its type: a truncated data file surfaces as
+        # IndexError, bad bytes as DataLossError, a missing file as NotFoundError.
         return f"{type(exc).__name__}: {_first_line(exc)}"
     return None
 

@@ -14,7 +14,11 @@ import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlo
 # isort: split
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -29,7 +33,7 @@ from segnet.config import ExperimentConfig, build_config
 from segnet.data.volumes import make_geometry, write_volume
 from segnet.errors import ConfigError, DataError, RunDirError
 from segnet.evaluation import montage
-from segnet.evaluation.evaluate import evaluate_run
+from segnet.evaluation.evaluate import evaluate_case, evaluate_run, recover_interrupted
 from segnet.inference import loading
 from segnet.training.trainer import train
 
@@ -273,3 +277,92 @@ def test_missing_pieces_of_a_run_are_named(run: Path, remove: str, checkpoint: s
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(RunDirError, match=message):
         evaluate_run(run, checkpoint, quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# An evaluation killed half way never mixes with the previous one
+# ---------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[2]
+# The child evaluates the run and SIGKILLs itself at one exact point of the write: a fault hook
+# of the test's own, so segnet runs unchanged.
+KILLED_EVALUATION = """
+import os, signal, sys
+import segnet.evaluation.evaluate as evaluate
+from segnet.cli import evaluate_main
+
+point, real_rename, real_write_json = sys.argv[2], os.rename, evaluate.report.write_json
+renames = []
+
+def write_json(path, document):  # metrics.json is written last: every prediction is out
+    if point == "before-metrics":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_write_json(path, document)
+
+def rename(source, destination):  # the swap's second rename puts the new folder in place
+    renames.append(destination)
+    if point == "mid-swap" and len(renames) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rename(source, destination)
+
+evaluate.report.write_json, evaluate.os.rename = write_json, rename
+evaluate_main(["--run", sys.argv[1], "--checkpoint", "latest", "--quiet"])
+"""
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["before-metrics", "mid-swap"])
+def test_a_sigkilled_evaluation_leaves_the_previous_one_whole(run: Path, point: str):
+    evaluate_run(run, "latest", quiet=True)
+    evaluation = run / "evaluation"
+    before = _files(evaluation / "latest")
+    assert "metrics.json" in before and "predictions/case_4.nii.gz" in before
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_EVALUATION, str(run), point],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert recover_interrupted(evaluation)  # says what it repaired
+    assert _files(evaluation / "latest") == before
+    assert sorted(p.name for p in evaluation.iterdir()) == ["latest"]  # no hidden leftovers
+
+
+def test_a_failed_evaluation_keeps_the_old_folder_and_the_users_files(
+    run: Path, oracle, monkeypatch: pytest.MonkeyPatch
+):
+    evaluate_run(run, "best", quiet=True)
+    out = run / "evaluation" / "best"
+    (out / "my-notes.txt").write_text("mine")
+    before = _files(out)
+    calls = []
+
+    def failing_case(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return evaluate_case(*args, **kwargs)
+
+    monkeypatch.setattr("segnet.evaluation.evaluate.evaluate_case", failing_case)
+    with pytest.raises(OSError, match="No space"):
+        evaluate_run(run, "best", quiet=True)
+    assert _files(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["best"]
+    monkeypatch.undo()
+    evaluate_run(run, "best", quiet=True)  # a complete one replaces it and keeps the notes
+    assert (out / "my-notes.txt").read_text() == "mine"
+
+
+def test_a_truncated_checkpoint_is_named_with_the_fix(run: Path, capsys: pytest.CaptureFixture):
+    for data in (run / "checkpoints").glob("ckpt-2.data-*"):
+        data.write_bytes(data.read_bytes()[:100])
+    status = evaluate_main(["--run", str(run), "--checkpoint", "latest"])
+    error = capsys.readouterr().err
+    assert status == 2, error
+    assert "Traceback" not in error and "ckpt-2" in error and "--checkpoint" in error

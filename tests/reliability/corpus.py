@@ -395,6 +395,11 @@ def _scan_pair_in_output(ws: Workspace) -> Path:
     return ws.out
 
 
+def _evaluate_truncated_checkpoint(ws: Workspace) -> list[str]:
+    _truncate_checkpoints(ws)
+    return evaluate("--checkpoint", "latest")(ws)
+
+
 def _truncated_copy(ws: Workspace) -> str:
     truncate(LABEL)(ws.root)
     return str(ws.root)
@@ -515,6 +520,7 @@ INFERENCE = [
     BadInput("evaluate-run-missing", "inference", evaluate(run=lambda ws: ws.tmp / "no-run"), ("--run {tmp}/no-run: run directory not found",), program="evaluate"),
     BadInput("evaluate-not-a-run", "inference", evaluate(run=lambda ws: ws.root), ("--run {root}: not a segnet run directory",), program="evaluate"),
     BadInput("evaluate-unknown-checkpoint", "inference", evaluate("--checkpoint", "ckpt-999"), ("--checkpoint ckpt-999: no checkpoint there",), program="evaluate", existing_run=True, subprocess=True),
+    BadInput("evaluate-checkpoint-truncated", "inference", _evaluate_truncated_checkpoint, ("{run}/checkpoints/ckpt-", "the checkpoint is damaged", "--checkpoint"), program="evaluate", existing_run=True, subprocess=True),
     BadInput("evaluate-set-training-key", "inference", evaluate("--set", "train.epochs=3"), ("--set train.epochs: cannot change after training",), program="evaluate", existing_run=True),
     BadInput("evaluate-data-truncated-label", "inference", _evaluate_on_truncated_labels, ("{root}/" + LABEL, "truncated"), program="evaluate", existing_run=True),
     BadInput("predict-input-missing", "inference", predict(lambda ws: ws.tmp / "absent.nii.gz"), ("{tmp}/absent.nii.gz: not found",), program="predict", existing_run=True),
