@@ -15,6 +15,7 @@ import re
 import sys
 import threading
 from collections.abc import Iterator
+from typing import TextIO
 
 ONEDNN_VAR = "TF_ENABLE_ONEDNN_OPTS"
 
@@ -90,9 +91,22 @@ def _pump(source: int, sink: int) -> None:
     os.close(source)
 
 
+_terminal: TextIO | None = None  # the real stderr while the filter holds fd 2, if a terminal
+
+
+def filtered_terminal() -> TextIO | None:
+    """The user's terminal while :func:`native_log_filter` has put a pipe on fd 2, else None.
+
+    Progress bars must draw there directly: on the pipe, ``isatty()`` is false (tqdm would stay
+    hidden) and the window size is unknown.
+    """
+    return _terminal
+
+
 @contextlib.contextmanager
 def native_log_filter(enabled: bool = True) -> Iterator[None]:
     """Within the block, TensorFlow's C++ start-up log lines are dropped from stderr (fd 2)."""
+    global _terminal
     if not enabled:
         yield
         return
@@ -100,6 +114,7 @@ def native_log_filter(enabled: bool = True) -> Iterator[None]:
         sys.stderr.flush()
         saved = os.dup(2)
         read_end, write_end = os.pipe()
+        terminal = os.fdopen(os.dup(saved), "w", buffering=1) if os.isatty(saved) else None
     except OSError:
         yield
         return
@@ -107,9 +122,13 @@ def native_log_filter(enabled: bool = True) -> Iterator[None]:
     os.close(write_end)
     pump = threading.Thread(target=_pump, args=(read_end, saved), daemon=True)
     pump.start()
+    _terminal = terminal
     try:
         yield
     finally:
+        _terminal = None
+        if terminal is not None:
+            terminal.close()
         sys.stderr.flush()
         os.dup2(saved, 2)  # closes the pipe's last write end, so the pump sees EOF
         pump.join(timeout=5)

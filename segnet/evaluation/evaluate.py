@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from segnet.config import ExperimentConfig, SplitConfig, config_to_dict, load_config
+from segnet.console import progress_bar
 from segnet.data.datasets import CaseFiles, dataset_root, describe_dataset, load_split
 from segnet.data.validation import check_cases
 from segnet.data.volumes import read_volume
@@ -63,7 +63,6 @@ from segnet.inference.predict import (
     write_segmentation,
 )
 from segnet.metrics import ClassMetrics, compute_case_metrics, summarize
-from segnet.training.progress import is_interactive
 
 log = logging.getLogger("segnet")
 EVALUATION_DIR = "evaluation"
@@ -141,9 +140,7 @@ def evaluate_checkpoint(
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         per_case: dict[str, dict[int, ClassMetrics]] = {}
-        bar = tqdm(
-            cases, desc=f"Evaluating {ref.name}", unit="case", disable=not is_interactive(quiet)
-        )
+        bar = progress_bar(cases, desc=f"Evaluating {ref.name}", unit="case", quiet=quiet)
         for case in bar:
             per_case[case.case_id] = evaluate_case(predictor, case, staging)
         document = report.metrics_document(

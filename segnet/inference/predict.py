@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
 from segnet.config import ExperimentConfig
+from segnet.console import progress_bar
 from segnet.data.datasets import CaseFiles
 from segnet.data.preprocessing import DatasetFingerprint, preprocess, restore_to_original
 from segnet.data.volumes import Geometry, header_description, read_channels, write_volume
@@ -53,7 +53,6 @@ from segnet.files import ensure_writable_dir
 from segnet.inference import loading
 from segnet.inference.postprocessing import keep_largest_component
 from segnet.inference.sliding_window import configured_sliding_window, probabilities_to_labels
-from segnet.training.progress import is_interactive
 from segnet.training.trainer import model_spatial_dims
 from segnet.training.validation import make_predict_fn
 
@@ -343,7 +342,7 @@ def predict_files(
     check_outputs(cases, _expand(inputs, []), output_dir, keep_probabilities)
     predictor = load_predictor(run_dir, config, ref) if cases else None
     written = 0
-    for case in tqdm(cases, desc="Predicting", unit="case", disable=not is_interactive(quiet)):
+    for case in progress_bar(cases, desc="Predicting", unit="case", quiet=quiet):
         try:
             _predict_one(predictor, case, output_dir, keep_probabilities)  # type: ignore[arg-type]
             written += 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
-from tqdm import tqdm
 
+from segnet.console import progress_bar
 from segnet.files import atomic_write_text
 
 log = logging.getLogger("segnet")
@@ -96,24 +95,17 @@ class EpochStats:
         return time.perf_counter() - self.started
 
 
-def is_interactive(quiet: bool) -> bool:
-    """Whether progress bars are shown: not ``--quiet`` and stderr is a terminal."""
-    return not quiet and sys.stderr.isatty()
-
-
 class EpochBar:
     """The tqdm bar of one epoch (a no-op when hidden)."""
 
     def __init__(self, epoch: int, epochs: int, steps: int, done: int, show: bool) -> None:
-        self._bar = tqdm(
+        self._bar = progress_bar(
             total=steps,
             initial=done,
             desc=f"epoch {epoch + 1}/{epochs}",
             unit="step",
-            disable=not show,
             leave=False,
-            dynamic_ncols=True,
-            file=sys.stderr,
+            quiet=not show,
         )
 
     def update(self, stats: EpochStats) -> None:

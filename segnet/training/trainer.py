@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from segnet._tf_env import log_onednn_status
 from segnet.config import ExperimentConfig
+from segnet.console import is_interactive
 from segnet.data.cache import load_or_compute_fingerprint, prepare_cases
 from segnet.data.case import PreprocessedCase
 from segnet.data.datasets import load_split
@@ -76,7 +77,7 @@ from segnet.training.precision import (
     precision_policy,
 )
 from segnet.training.preemption import StopRequest
-from segnet.training.progress import EpochStats, Reporter, is_interactive, overlay_panel
+from segnet.training.progress import EpochStats, Reporter, overlay_panel
 from segnet.training.stage1 import load_stage1_weights
 from segnet.training.step import make_train_step
 from segnet.training.validation import ValidationResult, make_predict_fn, validate

@@ -18,7 +18,6 @@ from segnet.training.progress import (
     Reporter,
     Summaries,
     epoch_line,
-    is_interactive,
     overlay_panel,
 )
 
@@ -103,11 +102,6 @@ def test_reporter_without_run_dir_writes_nothing(tmp_path: Path) -> None:
     reporter.end_epoch(0, 1, 1, stats, None, 0.01)
     reporter.close()
     assert not any(tmp_path.iterdir())
-
-
-def test_bars_hidden_when_quiet_or_not_a_terminal() -> None:
-    assert not is_interactive(quiet=True)
-    assert not is_interactive(quiet=False)  # pytest captures stderr: not a terminal
 
 
 def test_overlay_panel_colours_only_labelled_pixels() -> None:
