@@ -25,6 +25,12 @@ Empty masks (``EDGE_CASE_POLICY`` holds the same policy as text) never give NaN:
 * one empty: Dice = IoU = NSD = 0, HD95 = ASSD = image diagonal in mm,
   sqrt(sum((shape * spacing)**2)); relative volume difference -100 % for a missed structure
   and, as its mirror, +100 % for a structure predicted where the reference has none.
+
+A (case, class) pair with both masks empty keeps those values per case (``both_empty`` marks
+it), but ``summarize`` leaves it out of every statistic, as nnU-Net does: a perfect score for a
+class that is in neither mask would reward a model for classes that do not exist. Each class's
+summary counts the pairs it used and the pairs it left out; a class with no pair left has no
+statistics (None, ``null`` in JSON).
 """
 
 from __future__ import annotations
@@ -41,7 +47,10 @@ EDGE_CASE_POLICY = (
     "and 0 %. Exactly one mask empty: Dice 0, IoU 0, NSD 0, and HD95 = ASSD = the image "
     "diagonal in mm, sqrt(sum((shape * spacing)**2)), more than any distance inside the image. "
     "Reference empty, prediction not: relative volume difference +100 % (the mirror of a "
-    "missed structure's -100 %); volume_diff_mm3 carries the size. No metric is ever NaN."
+    "missed structure's -100 %); volume_diff_mm3 carries the size. No metric is ever NaN. "
+    "Pairs (case, class) with both masks empty keep these values per case (both_empty: true) "
+    "but are left out of every summary statistic, as nnU-Net does; each class's summary counts "
+    "them as excluded_empty, and a class with no counted pair has null statistics."
 )
 DEFAULT_NSD_TOLERANCE_MM = 1.0
 BACKGROUND = 0
@@ -95,9 +104,19 @@ class ClassMetrics:
     pred_volume_mm3: float
     ref_volume_mm3: float
 
-    def as_dict(self) -> dict[str, float | int]:
-        """The fields by name, ready for a CSV row or JSON."""
-        return dataclasses.asdict(self)
+    @property
+    def both_empty(self) -> bool:
+        """Neither mask holds the class: the pair is left out of ``summarize``'s statistics."""
+        return self.tp + self.fp + self.fn == 0
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The keys of ``as_dict``, in its order."""
+        return [*_metric_names(), "both_empty"]
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        """The fields by name and ``both_empty``, ready for a CSV row or JSON."""
+        return {**dataclasses.asdict(self), "both_empty": self.both_empty}
 
 
 # --- Overlap ------------------------------------------------------------------------------
@@ -383,18 +402,25 @@ def _check_classes(classes: Sequence[int], num_classes: int) -> None:
 def summarize(per_case: list[dict[int, ClassMetrics]]) -> dict[str, Any]:
     """Statistics of every metric over cases, per class, and means over foreground classes.
 
+    Pairs (case, class) with both masks empty (``ClassMetrics.both_empty``) are left out of
+    every statistic and counted instead (see ``EDGE_CASE_POLICY``).
+
     Args:
         per_case: One ``compute_case_metrics`` result per case.
 
     Returns:
         A dict with
         ``"num_cases"``: ``len(per_case)``;
-        ``"per_class"``: ``{label: {metric: {stat: value}}}`` with stat in
-        ``SUMMARY_STATISTICS`` over the cases that hold the label (std is the population
-        std, ddof=0);
-        ``"pooled"``: ``{label: {"dice": ..., "iou": ...}}`` from tp/fp/fn summed over cases;
-        ``"foreground_mean"``: ``{metric: value}``, the mean over labels other than 0 of each
-        label's mean (empty when there is no foreground label).
+        ``"per_class"``: ``{label: {metric: {stat: value}, "counted": n, "excluded_empty": k}}``
+        with stat in ``SUMMARY_STATISTICS`` over the n cases where the label is in the
+        prediction or the reference (std is the population std, ddof=0); every value is None
+        when n is 0; k counts the cases where it is in neither;
+        ``"counted"``, ``"excluded_empty"``: those counts summed over classes;
+        ``"pooled"``: ``{label: {"dice": ..., "iou": ...}}`` from tp/fp/fn summed over cases
+        (None when n is 0);
+        ``"foreground_mean"``: ``{metric: value}``, the mean over labels other than 0 with
+        n > 0 of each label's mean (None when there is no such label; an empty dict when
+        there is no foreground label at all).
 
     Raises:
         ValueError: if ``per_case`` is empty.
@@ -403,21 +429,30 @@ def summarize(per_case: list[dict[int, ClassMetrics]]) -> dict[str, Any]:
         raise ValueError("summarize: no cases to summarize")
     labels = sorted(set().union(*per_case))
     by_label = {c: [case[c] for case in per_case if c in case] for c in labels}
-    per_class = {c: _statistics(metrics) for c, metrics in by_label.items()}
-    foreground = [c for c in labels if c != BACKGROUND]
+    counted = {c: [m for m in metrics if not m.both_empty] for c, metrics in by_label.items()}
+    per_class = {c: _class_summary(counted[c], len(by_label[c])) for c in labels}
     return {
         "num_cases": len(per_case),
+        "counted": sum(s["counted"] for s in per_class.values()),
+        "excluded_empty": sum(s["excluded_empty"] for s in per_class.values()),
         "per_class": per_class,
-        "pooled": {c: _pooled_overlap(metrics) for c, metrics in by_label.items()},
-        "foreground_mean": {
-            name: float(np.mean([per_class[c][name]["mean"] for c in foreground]))
-            for name in (_metric_names() if foreground else ())
-        },
+        "pooled": {c: _pooled_overlap(metrics) for c, metrics in counted.items()},
+        "foreground_mean": _foreground_mean(per_class),
     }
 
 
 def _metric_names() -> list[str]:
     return [field.name for field in dataclasses.fields(ClassMetrics)]
+
+
+def _class_summary(counted: list[ClassMetrics], total: int) -> dict[str, Any]:
+    """``_statistics`` of the counted pairs (None without any) and the two counts."""
+    table: dict[str, Any] = (
+        _statistics(counted)
+        if counted
+        else {name: dict.fromkeys(SUMMARY_STATISTICS) for name in _metric_names()}
+    )
+    return {**table, "counted": len(counted), "excluded_empty": total - len(counted)}
 
 
 def _statistics(metrics: list[ClassMetrics]) -> dict[str, dict[str, float]]:
@@ -428,8 +463,20 @@ def _statistics(metrics: list[ClassMetrics]) -> dict[str, dict[str, float]]:
     return table
 
 
-def _pooled_overlap(metrics: list[ClassMetrics]) -> dict[str, float]:
+def _foreground_mean(per_class: dict[int, dict[str, Any]]) -> dict[str, float | None]:
+    foreground = [c for c in per_class if c != BACKGROUND]
+    counted = [c for c in foreground if per_class[c]["counted"]]
+    return {
+        name: float(np.mean([per_class[c][name]["mean"] for c in counted])) if counted else None
+        for name in (_metric_names() if foreground else ())
+    }
+
+
+def _pooled_overlap(metrics: list[ClassMetrics]) -> dict[str, float | None]:
     # Pooled counts weigh every voxel equally, so large cases dominate; the per-case mean weighs
     # every case equally, so small structures count as much. Both views are worth reporting.
+    # Both-empty pairs add nothing to the sums; without any other pair there is nothing to pool.
+    if not metrics:
+        return {"dice": None, "iou": None}
     tp, fp, fn = (sum(getattr(m, name) for m in metrics) for name in ("tp", "fp", "fn"))
     return {"dice": dice_from_counts(tp, fp, fn), "iou": iou_from_counts(tp, fp, fn)}

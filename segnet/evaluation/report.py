@@ -8,7 +8,6 @@ or the new one, never half of one).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 from collections.abc import Mapping, Sequence
@@ -39,7 +38,7 @@ def class_name(label: int, names: Mapping[int, str] | None) -> str:
 
 
 def per_case_rows(per_case: PerCase) -> list[dict[str, Any]]:
-    """One row per (case, class): ``case``, ``class`` and every ``ClassMetrics`` field."""
+    """One row per (case, class): ``case``, ``class`` and ``ClassMetrics.as_dict``."""
     return [
         {"case": case_id, "class": label, **metrics.as_dict()}
         for case_id, classes in per_case.items()
@@ -48,8 +47,11 @@ def per_case_rows(per_case: PerCase) -> list[dict[str, Any]]:
 
 
 def write_per_case_csv(path: Path, per_case: PerCase) -> None:
-    """Writes ``per_case_rows`` as CSV with a header line (floats in full precision)."""
-    fields = ["case", "class", *(f.name for f in dataclasses.fields(ClassMetrics))]
+    """Writes ``per_case_rows`` as CSV with a header line (floats in full precision).
+
+    ``both_empty`` is ``True`` on the rows ``summarize`` leaves out of the statistics.
+    """
+    fields = ["case", "class", *ClassMetrics.keys()]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
@@ -101,58 +103,99 @@ def _string_keys(value: Any) -> Any:
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+    """Writes ``document`` as strict JSON.
+
+    Raises:
+        ValueError: if it holds a NaN or an infinity, which JSON cannot express (Python would
+            write ``NaN``, which other readers reject); a missing value must be None.
+    """
+    atomic_write_text(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
 def summary_table(summary: dict[str, Any], class_names: Mapping[int, str] | None = None) -> str:
     """A fixed-width table: one block per class, rows mean/median/std, a column per metric.
+
+    Column ``n`` holds the number of cases a class's statistics are over; a class without any
+    shows ``n/a``. The line under the table counts the pairs left out (both masks empty).
 
     Args:
         summary: ``segnet.metrics.summarize`` output (integer or string label keys).
         class_names: optional ``{label: name}``.
 
     Returns:
-        The table as text, ending with the foreground mean row.
+        The table as text, then the foreground mean row and the line of left-out pairs.
     """
-    header = ["class", "stat", *(title for _, title, _ in TABLE_METRICS)]
+    header = ["class", "stat", "n", *(title for _, title, _ in TABLE_METRICS)]
     rows: list[list[str]] = []
     for label, table in summary["per_class"].items():
         for i, stat in enumerate(TABLE_STATISTICS):
             name = class_name(int(label), class_names) if i == 0 else ""
-            rows.append([name, stat, *(fmt.format(table[k][stat]) for k, _, fmt in TABLE_METRICS)])
+            n = str(table["counted"]) if i == 0 else ""
+            rows.append([name, stat, n, *_metric_cells(table, stat)])
     if summary.get("foreground_mean"):
-        means = summary["foreground_mean"]
-        rows.append(["foreground", "mean", *(fmt.format(means[k]) for k, _, fmt in TABLE_METRICS)])
-    return format_table(header, rows)
+        means = {k: {"mean": v} for k, v in summary["foreground_mean"].items()}
+        rows.append(["foreground", "mean", "", *_metric_cells(means, "mean")])
+    return format_table(header, rows) + "\n" + excluded_line(summary, class_names)
+
+
+def _metric_cells(table: Mapping[str, Any], stat: str) -> list[str]:
+    return [_cell(table[key][stat], fmt) for key, _, fmt in TABLE_METRICS]
+
+
+def excluded_line(summary: dict[str, Any], class_names: Mapping[int, str] | None = None) -> str:
+    """``left out, both masks empty: 1 of 6 (case, class) pairs (class 2: 1)``."""
+    excluded, total = summary["excluded_empty"], summary["excluded_empty"] + summary["counted"]
+    by_class = [
+        f"class {class_name(int(label), class_names)}: {table['excluded_empty']}"
+        for label, table in summary["per_class"].items()
+        if table["excluded_empty"]
+    ]
+    detail = f" ({', '.join(by_class)})" if by_class else ""
+    return f"left out, both masks empty: {excluded} of {total} (case, class) pairs{detail}"
 
 
 def ranking_table(results: Mapping[str, dict[str, Any]]) -> str:
-    """Checkpoints ranked by mean foreground Dice, best first.
+    """Checkpoints ranked by mean foreground Dice, best first (any without one last).
 
     Args:
         results: ``{checkpoint name: summarize() output}``.
 
     Returns:
-        A table with rank, checkpoint, mean foreground Dice, HD95 and NSD.
+        A table with rank, checkpoint, mean foreground Dice, HD95 and NSD, and how many (case,
+        class) pairs those are over, of all pairs (the others had both masks empty).
     """
-    ranked = sorted(results.items(), key=lambda item: -foreground_dice(item[1]))
-    header = ["rank", "checkpoint", "Dice", "HD95 mm", "NSD"]
-    rows = [
-        [
-            str(rank),
-            name,
-            f"{foreground_dice(summary):.4f}",
-            f"{summary['foreground_mean'].get('hd95_mm', float('nan')):.2f}",
-            f"{summary['foreground_mean'].get('nsd', float('nan')):.4f}",
-        ]
-        for rank, (name, summary) in enumerate(ranked, start=1)
-    ]
+
+    def best_first(item: tuple[str, dict[str, Any]]) -> tuple[bool, float]:
+        dice = foreground_dice(item[1])
+        return (dice is None, -(dice or 0.0))
+
+    header = ["rank", "checkpoint", "Dice", "HD95 mm", "NSD", "pairs counted"]
+    rows = []
+    for rank, (name, summary) in enumerate(sorted(results.items(), key=best_first), start=1):
+        means = summary.get("foreground_mean", {})
+        total = summary["counted"] + summary["excluded_empty"]
+        rows.append(
+            [
+                str(rank),
+                name,
+                _cell(foreground_dice(summary), "{:.4f}"),
+                _cell(means.get("hd95_mm"), "{:.2f}"),
+                _cell(means.get("nsd"), "{:.4f}"),
+                f"{summary['counted']}/{total}",
+            ]
+        )
     return format_table(header, rows)
 
 
-def foreground_dice(summary: dict[str, Any]) -> float:
-    """Mean over foreground classes of the per-class mean Dice (the ranking key)."""
-    return float(summary.get("foreground_mean", {}).get("dice", float("nan")))
+def foreground_dice(summary: dict[str, Any]) -> float | None:
+    """Mean over foreground classes of the per-class mean Dice (the ranking key); None when no
+    foreground class has a counted pair."""
+    dice = summary.get("foreground_mean", {}).get("dice")
+    return None if dice is None else float(dice)
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

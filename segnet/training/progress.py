@@ -5,7 +5,8 @@
   or when stderr is not a terminal (a log file gets the epoch lines only).
 * One log line per epoch (the ``segnet`` logger), also the line a non-interactive run prints.
 * ``metrics.csv``: one row per epoch. On resume the rows of epochs that will be trained again
-  are dropped first, so the file never holds an epoch twice.
+  are dropped first, so the file never holds an epoch twice, and a file with other columns (a
+  run of an older version) is rewritten with the current ones, old cells kept.
 * TensorBoard in ``<run_dir>/logs``: training loss, learning rate, gradient norm, validation
   Dice per class, and an image of one validation slice with ground-truth and prediction
   overlays.
@@ -136,6 +137,9 @@ def epoch_line(
             if k.startswith("val_dice_")
         )
         text += f"; val dice {validation['val_dice']:.3f} ({per_class})"
+        if validation.get("val_excluded_empty"):
+            left_out = validation["val_excluded_empty"]
+            text += f", {left_out:.0f} (case, class) pairs left out as empty in both masks"
     return text
 
 
@@ -161,6 +165,7 @@ class MetricsCsv:
             "train_dice",
             "val_dice",
             *(f"val_dice_{c}" for c in range(1, num_classes)),
+            "val_excluded_empty",
             "learning_rate",
             "steps_per_s",
             "data_wait",

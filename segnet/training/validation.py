@@ -5,6 +5,10 @@ evaluation and users see, so validation predicts every held-out case completely 
 sliding window as inference (``config.window``, ``evaluation.overlap``, weighting, batch
 size). Test-time mirroring is left to evaluation: it multiplies the cost by up to 8 for a
 small gain, and validation only has to rank checkpoints.
+
+A class in neither the label nor the prediction of a case would score Dice 1 there and reward
+the model for a class that does not exist, so such (case, class) pairs are left out of the
+score, as in evaluation (``segnet.metrics.summarize``) and nnU-Net.
 """
 
 from __future__ import annotations
@@ -25,12 +29,16 @@ from segnet.inference.sliding_window import configured_sliding_window, probabili
 
 @dataclass(frozen=True)
 class ValidationResult:
-    """Dice of the held-out cases.
+    """Dice of the held-out cases, without the (case, class) pairs where both masks are empty.
 
     Attributes:
-        per_case: case id -> {foreground class -> Dice}.
-        per_class: foreground class -> mean Dice over the cases.
-        mean: mean of ``per_class``: the score that picks the best checkpoint.
+        per_case: case id -> {foreground class -> Dice}, for the classes in the case's label
+            or prediction.
+        per_class: foreground class -> mean Dice over the cases that hold it (``per_case``);
+            a class no case holds is missing.
+        mean: mean of ``per_class``, the score that picks the best checkpoint; 0.0, the
+            lowest Dice, when ``per_class`` is empty, so nothing is rewarded.
+        excluded_empty: the (case, foreground class) pairs left out, both masks empty.
         example: (image, label, prediction) of one axial slice of the first case, the slice
             with the most foreground, for the TensorBoard overlay; each (height, width).
         seconds: wall time of the validation.
@@ -41,11 +49,14 @@ class ValidationResult:
     mean: float
     example: tuple[np.ndarray, np.ndarray, np.ndarray] | None
     seconds: float
+    excluded_empty: int
 
     def as_row(self) -> dict[str, float]:
-        """``{"val_dice": mean, "val_dice_1": ..., ...}`` for metrics.csv and TensorBoard."""
+        """``{"val_dice": mean, "val_dice_1": ..., ..., "val_excluded_empty": n}`` for
+        metrics.csv and TensorBoard."""
         row = {"val_dice": self.mean}
         row.update({f"val_dice_{c}": d for c, d in self.per_class.items()})
+        row["val_excluded_empty"] = self.excluded_empty
         return row
 
 
@@ -85,26 +96,36 @@ def validate(
             slices at a time), else 3.
 
     Returns:
-        The per-case and per-class Dice.
+        The per-case and per-class Dice, without the pairs where both masks are empty.
     """
     started = time.perf_counter()
-    num_classes = config.data.num_classes
+    classes = range(1, config.data.num_classes)
     per_case: dict[str, dict[int, float]] = {}
     example = None
     for case in cases:
         label = np.asarray(case.load_label())
         prediction = predict_case(predict_fn, case, config, spatial_dims)
-        per_case[case.case_id] = {
-            c: metrics.dice(prediction == c, label == c) for c in range(1, num_classes)
-        }
+        per_case[case.case_id] = present_class_dice(prediction, label, classes)
         if example is None:
             example = _example_slice(np.asarray(case.load_image()), label, prediction)
-    per_class = {
-        c: float(np.mean([scores[c] for scores in per_case.values()]))
-        for c in range(1, num_classes)
-    }
+    held = {c: [scores[c] for scores in per_case.values() if c in scores] for c in classes}
+    per_class = {c: float(np.mean(dice)) for c, dice in held.items() if dice}
     mean = float(np.mean(list(per_class.values()))) if per_class else 0.0
-    return ValidationResult(per_case, per_class, mean, example, time.perf_counter() - started)
+    excluded = len(per_case) * len(classes) - sum(len(scores) for scores in per_case.values())
+    seconds = time.perf_counter() - started
+    return ValidationResult(per_case, per_class, mean, example, seconds, excluded)
+
+
+def present_class_dice(
+    prediction: np.ndarray, label: np.ndarray, classes: Sequence[int]
+) -> dict[int, float]:
+    """Dice of each of ``classes`` found in ``prediction`` or ``label`` (same shape)."""
+    dice = {}
+    for c in classes:
+        tp, fp, fn = metrics.confusion_counts(prediction == c, label == c)
+        if tp + fp + fn:
+            dice[c] = metrics.dice_from_counts(tp, fp, fn)
+    return dice
 
 
 def predict_case(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import math
 from pathlib import Path
 
@@ -180,6 +181,7 @@ def test_both_empty_follows_policy():
         scores = (values.dice, values.iou, values.hd95_mm, values.assd_mm, values.nsd)
         assert scores == (1.0, 1.0, 0.0, 0.0, 1.0)
         assert (values.volume_diff_mm3, values.volume_diff_percent) == (0.0, 0.0)
+        assert values.both_empty and values.as_dict()["both_empty"] is True
 
 
 @pytest.mark.parametrize("empty_side", ["prediction", "reference"])
@@ -193,6 +195,7 @@ def test_one_empty_gets_the_image_diagonal(empty_side):
     assert m.hd95_mm == m.assd_mm == pytest.approx(diagonal, rel=1e-15)
     assert m.volume_diff_mm3 == (-8.0 if empty_side == "prediction" else 8.0)  # 8 voxels * 1 mm^3
     assert m.volume_diff_percent == (-100.0 if empty_side == "prediction" else 100.0)
+    assert not m.both_empty  # a missed or invented structure counts in the statistics
 
 
 def test_no_metric_is_ever_nan():
@@ -301,6 +304,68 @@ def test_summarize_three_cases_by_hand():
     # Pooled class 1: tp 6, fp 3, fn 1 -> 12 / (12 + 3 + 1) = 0.75.
     assert summary["pooled"][1]["dice"] == pytest.approx(0.75)
     assert summary["num_cases"] == 3
+
+
+def test_summarize_leaves_out_a_class_empty_in_both_masks():
+    empty = _metrics(1.0, 0.0, 0, 0, 0)  # class 2 in neither mask of case 0: Dice 1 by policy
+    per_case = [
+        {1: _metrics(0.5, 4.0, 1, 2, 0), 2: empty},
+        {1: _metrics(0.7, 1.0, 2, 0, 1), 2: _metrics(0.8, 2.0, 4, 1, 1)},
+        {1: _metrics(0.9, 1.0, 3, 1, 0), 2: _metrics(0.4, 3.0, 3, 2, 2)},
+    ]
+    summary = summarize(per_case)
+    dice2, hd2 = summary["per_class"][2]["dice"], summary["per_class"][2]["hd95_mm"]
+    # Over cases 1 and 2 only (with case 0, the mean Dice would be 0.733 and HD95 1.67 mm).
+    assert dice2["mean"] == pytest.approx(0.6)  # (0.8 + 0.4) / 2
+    assert dice2["median"] == pytest.approx(0.6)
+    assert dice2["std"] == pytest.approx(0.2)  # sqrt((0.2**2 + 0.2**2) / 2)
+    assert (dice2["min"], dice2["max"]) == (0.4, 0.8)
+    assert hd2["mean"] == pytest.approx(2.5) and hd2["min"] == 2.0  # not 0 mm from case 0
+    assert summary["per_class"][2]["counted"] == 2
+    assert summary["per_class"][2]["excluded_empty"] == 1
+    assert summary["per_class"][1]["counted"] == 3
+    assert (summary["counted"], summary["excluded_empty"]) == (5, 1)
+    # Class 1 Dice mean 0.7, class 2 0.6; NSD is 1.0 in every counted pair.
+    assert summary["foreground_mean"]["dice"] == pytest.approx(0.65)
+    assert summary["foreground_mean"]["hd95_mm"] == pytest.approx((2.0 + 2.5) / 2)
+    # Pooled class 2: tp 7, fp 3, fn 3 -> 14 / 20, the empty pair adds nothing.
+    assert summary["pooled"][2]["dice"] == pytest.approx(0.7)
+
+
+def test_a_class_absent_everywhere_has_no_statistics():
+    empty = _metrics(1.0, 0.0, 0, 0, 0)
+    per_case = [
+        {1: _metrics(0.5, 4.0, 1, 2, 0), 2: empty},
+        {1: _metrics(0.7, 2.0, 2, 0, 1), 2: empty},
+    ]
+    summary = summarize(per_case)
+    absent = summary["per_class"][2]
+    assert (absent["counted"], absent["excluded_empty"]) == (0, 2)
+    for name in ClassMetrics.keys()[:-1]:  # every metric, not both_empty
+        assert set(absent[name].values()) == {None}, name
+    assert summary["pooled"][2] == {"dice": None, "iou": None}
+    # The foreground mean is over class 1 alone: class 2 neither raises nor lowers it.
+    assert summary["foreground_mean"]["dice"] == pytest.approx(0.6)
+    assert summary["foreground_mean"]["hd95_mm"] == pytest.approx(3.0)
+    json.dumps(summary, allow_nan=False)  # None, not NaN: valid JSON
+
+
+def test_no_foreground_class_counted_gives_no_foreground_mean():
+    empty = _metrics(1.0, 0.0, 0, 0, 0)
+    summary = summarize([{1: empty, 2: empty}])
+    assert set(summary["foreground_mean"].values()) == {None}
+    assert (summary["counted"], summary["excluded_empty"]) == (0, 2)
+
+
+def test_both_empty_is_marked_on_real_masks():
+    prediction = _boxes((5, 6, 7), np.s_[0:2, 0:2, 0:2])  # class 2 in neither map
+    reference = _boxes((5, 6, 7), np.s_[1:3, 0:2, 0:2])
+    case = compute_case_metrics(prediction, reference, (1.0, 1.0, 1.0), num_classes=3)
+    assert (case[1].both_empty, case[2].both_empty) == (False, True)
+    summary = summarize([case])
+    assert summary["per_class"][1]["dice"]["mean"] == pytest.approx(0.5)  # 2 * 4 / (8 + 8)
+    assert summary["per_class"][2]["dice"]["mean"] is None
+    assert summary["foreground_mean"]["dice"] == pytest.approx(0.5)  # was (0.5 + 1) / 2
 
 
 def test_summarize_rejects_no_cases():

@@ -61,6 +61,31 @@ def test_metrics_csv_resume_drops_the_epochs_trained_again(tmp_path: Path) -> No
     assert list(rows[0]) == first.columns
 
 
+def test_epoch_line_counts_the_pairs_left_out_of_the_validation_dice() -> None:
+    stats = EpochStats(num_classes=3)
+    stats.add(0.5, np.zeros((3, 3)), 0.0, 1.0)
+    row = {"val_dice": 0.4, "val_dice_1": 0.4, "val_excluded_empty": 3}
+    line = epoch_line(1, 10, 40, stats, row)
+    assert "(1: 0.400)" in line and "3 (case, class) pairs left out" in line
+    assert "left out" not in epoch_line(1, 10, 40, stats, {**row, "val_excluded_empty": 0})
+
+
+def test_metrics_csv_resumes_a_file_written_before_the_left_out_column(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    old_columns = "epoch,step,loss,train_dice,val_dice,val_dice_1,learning_rate,steps_per_s"
+    path.write_text(f"{old_columns},data_wait,seconds\n1,5,0.9,0.2,0.3,0.3,0.01,2,0.1,9\n")
+    resumed = MetricsCsv(path, num_classes=2, first_epoch=2)
+    resumed.append({"epoch": 2, "val_dice": 0.5, "val_excluded_empty": 1})
+    rows = _rows(path)
+    assert list(rows[0]) == resumed.columns
+    assert (rows[0]["val_dice"], rows[0]["seconds"], rows[0]["val_excluded_empty"]) == (
+        "0.3",
+        "9",
+        "",
+    )
+    assert (rows[1]["val_dice"], rows[1]["val_excluded_empty"]) == ("0.5", "1")
+
+
 def test_metrics_csv_rewrites_an_old_header(tmp_path: Path) -> None:
     path = tmp_path / "metrics.csv"
     MetricsCsv(path, num_classes=2, first_epoch=1).append({"epoch": 1, "loss": 0.5})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import tensorflow as tf
 
 from segnet.config import build_config
 from segnet.data.case import PreprocessedCase
-from segnet.training.validation import validate
+from segnet.training.validation import present_class_dice, validate
 
 NUM_CLASSES = 3
 
@@ -48,8 +49,14 @@ def _oracle(batch: tf.Tensor) -> tf.Tensor:
     return 10.0 * tf.one_hot(tf.cast(tf.round(batch[..., 0]), tf.int32), NUM_CLASSES)
 
 
-def _always_class_1(batch: tf.Tensor) -> tf.Tensor:
-    return 10.0 * tf.one_hot(tf.ones_like(batch[..., 0], tf.int32), NUM_CLASSES)
+def _always(label: int) -> Callable[[tf.Tensor], tf.Tensor]:
+    def predict(batch: tf.Tensor) -> tf.Tensor:
+        return 10.0 * tf.one_hot(tf.fill(tf.shape(batch)[:-1], label), NUM_CLASSES)
+
+    return predict
+
+
+_always_class_1 = _always(1)
 
 
 @pytest.mark.parametrize(("model", "spatial_dims"), [("unet3d", 3), ("segnet", 2)])
@@ -75,6 +82,41 @@ def test_dice_of_a_constant_prediction_matches_the_hand_count(tmp_path):
     assert result.per_class[1] == pytest.approx(2 * ones / (ones + label.size))
     assert result.per_class[2] == 0.0
     assert result.mean == pytest.approx((result.per_class[1] + 0.0) / 2)
+    assert result.excluded_empty == 0  # class 2 is in the label: a miss counts
+
+
+def test_a_class_in_neither_mask_is_left_out_of_the_score(tmp_path):
+    both = _labels(2, (12, 10, 9))
+    only_1 = np.where(both == 2, 0, both).astype(np.uint8)  # class 2 nowhere in this case
+    cases = [_case(tmp_path, "c", both), _case(tmp_path, "e", only_1)]
+    result = validate(_always_class_1, cases, _config(tmp_path, "unet3d"))
+    dice_c = 2 * int((both == 1).sum()) / (int((both == 1).sum()) + both.size)
+    dice_e = 2 * int((only_1 == 1).sum()) / (int((only_1 == 1).sum()) + only_1.size)
+    assert result.per_case == {
+        "c": pytest.approx({1: dice_c, 2: 0.0}),
+        "e": pytest.approx({1: dice_e}),
+    }
+    assert result.per_class[1] == pytest.approx((dice_c + dice_e) / 2)
+    assert result.per_class[2] == 0.0  # case c only; with case e's Dice 1 it would be 0.5
+    assert result.mean == pytest.approx(((dice_c + dice_e) / 2 + 0.0) / 2)
+    assert result.excluded_empty == 1
+    assert result.as_row()["val_excluded_empty"] == 1
+
+
+def test_nothing_to_count_scores_zero_not_one(tmp_path):
+    """Background everywhere, predicted as background: no class exists, so nothing is won."""
+    background = np.zeros((9, 8, 7), np.uint8)
+    cases = [_case(tmp_path, "f", background), _case(tmp_path, "g", background)]
+    result = validate(_always(0), cases, _config(tmp_path, "unet3d"))
+    assert (result.per_class, result.mean, result.excluded_empty) == ({}, 0.0, 4)
+    assert result.as_row() == {"val_dice": 0.0, "val_excluded_empty": 4}
+
+
+def test_present_class_dice_by_hand():
+    label = np.array([[1, 1, 0, 0], [0, 0, 0, 0]])
+    prediction = np.array([[1, 0, 0, 0], [0, 0, 0, 3]])
+    # class 1: tp 1, fp 0, fn 1 -> 2/3; class 2 in neither: left out; class 3: fp only -> 0.
+    assert present_class_dice(prediction, label, [1, 2, 3]) == pytest.approx({1: 2 / 3, 3: 0.0})
 
 
 def test_validation_does_not_mirror(tmp_path):
