@@ -680,8 +680,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The YAML mapping in ``path``; ConfigError names the file and line for every failure."""
     path = Path(path)
+    text = _read_config_text(path)  # its errors name the file already
     try:
-        data = parse_yaml(_read_config_text(path))
+        data = parse_yaml(text)
     except ConfigError as exc:
         raise ConfigError(exc.problems, source=str(path)) from None
     if data is None or data == {}:

@@ -77,11 +77,11 @@ def stored_config(run_dir: Path, flag: str = "--run-dir") -> ExperimentConfig | 
         return build_config(read_yaml(path), source=str(path))
     except ConfigError as exc:
         more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
-        earlier = sorted(run_dir.glob("config.before-*.yaml"))
-        kept = f"; earlier versions are kept in {earlier[-1].name} and older" if earlier else ""
+        earlier = sorted(run_dir.glob("config.before-*.yaml"))  # kept by a forced change
+        kept = f" (its previous version is kept as {earlier[-1].name})" if earlier else ""
         raise RunDirError(
-            f"{path} is not a readable segnet config: {exc.problems[0]}{more}; repair the "
-            f"file{kept}, or point {flag} at another run directory"
+            f"{path} is not a readable segnet config: {exc.problems[0]}{more}; repair "
+            f"it{kept} or point {flag} at another run directory"
         ) from None
 
 
