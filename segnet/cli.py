@@ -105,7 +105,7 @@ def _report_user_errors(
 # --------------------------------------------------------------------------------------------
 def train_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="segnet-train", description="Train (or resume) a segmentation model.")
-    parser.add_argument("--config", type=Path, help="experiment YAML (see configs/)")
+    parser.add_argument("--config", type=Path, required=True, help="experiment YAML (see configs/)")
     parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<name>)")
     _override_flag(parser, "train.epochs=5")
     parser.add_argument(

@@ -8,9 +8,14 @@ file at once. Load with :func:`load_config`; the result is what a run directory 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import errno
 import math
+import os
+import stat
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -455,6 +460,34 @@ class RuntimeConfig:
         return []
 
 
+MAX_NAME_LENGTH = 128  # characters; a name of long UTF-8 characters meets 255 bytes first
+
+
+def _bad_name(name: str) -> str | None:
+    """Why ``name`` cannot be a folder of its own under runs/, or None when it can."""
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return f"{name!r} is the {'current' if name == '.' else 'parent'} folder"
+    if "/" in name or "\\" in name:
+        return "contains a path separator ('/' or '\\')"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "contains a control character (NUL, newline, ...)"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if len(name) > MAX_NAME_LENGTH or size > 255:  # 255 bytes: the usual file system limit
+        return f"is too long: {len(name)} characters, {size} bytes (at most {MAX_NAME_LENGTH}, 255)"
+    return None
+
+
+def _name_like(name: str) -> str:
+    """A valid name close to ``name``: separators and control characters become '_'."""
+    cleaned = "".join(
+        "_" if c in "/\\" or unicodedata.category(c) == "Cc" else c for c in name
+    ).strip("._ ")
+    cleaned = cleaned[:MAX_NAME_LENGTH].encode("utf-8", "ignore")[:255].decode("utf-8", "ignore")
+    return cleaned or "experiment"
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """The whole experiment, as stored in ``<run_dir>/config.yaml``."""
@@ -473,8 +506,15 @@ class ExperimentConfig:
 
     def validate(self) -> Problems:
         problems: Problems = []
-        if not self.name or "/" in self.name:
-            problems.append(("name", "must be a non-empty name without '/'"))
+        why = _bad_name(self.name)
+        if why:
+            problems.append(
+                (
+                    "name",
+                    f"{why}; it names the run folder runs/<name>, so it must be a plain folder "
+                    f"name, e.g. {_name_like(self.name)!r}",
+                )
+            )
         problems += self._patch_rules()
         weights = self.loss.class_weights
         if weights is not None and len(weights) != self.data.num_classes:
@@ -511,43 +551,207 @@ class ExperimentConfig:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
+MAX_CONFIG_BYTES = 1 << 20  # a config is a small YAML file; anything bigger is the wrong file
+MAX_NESTING = 32  # YAML levels; the deepest setting (data.cases[i].images[j]) needs 6
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML document that parses but that no config may hold (a key given twice, ...)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
+class StrictLoader(yaml.SafeLoader):
+    """The one YAML loader for configs: SafeLoader that also refuses what PyYAML lets through.
+
+    A key given twice (PyYAML keeps the last silently, dropping the first block), nesting deeper
+    than ``MAX_NESTING`` (PyYAML's recursive composer hits RecursionError near 1000 levels) and
+    integers too long for Python's int parser all become YAML errors with a line number.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self._depth >= MAX_NESTING:
+            raise _Refused(
+                f"nested too deeply at {_where(self.peek_event().start_mark)} (more than "
+                f"{MAX_NESTING} levels; a config needs a few)"
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicate_keys(self, node)
+        return super().construct_document(node)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+            raise _Refused(
+                f"integer at {_where(node.start_mark)} has {len(node.value)} digits, too many "
+                "for any setting"
+            ) from None
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+
+
+def _where(mark: yaml.Mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _refuse_duplicate_keys(loader: StrictLoader, root: yaml.Node) -> None:
+    """Raises _Refused for the first mapping that gives one key twice, naming both lines."""
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    seen: set[int] = set()  # aliases can make the node graph cyclic
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        elif isinstance(node, yaml.MappingNode):
+            stack += _check_mapping(loader, node, path)
+
+
+def _check_mapping(
+    loader: StrictLoader, node: yaml.MappingNode, path: str
+) -> list[tuple[yaml.Node, str]]:
+    """The mapping's values with their dotted paths; raises _Refused on a repeated key."""
+    lines: dict[Any, int] = {}
+    children: list[tuple[yaml.Node, str]] = []
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+            continue  # `<<:` merges are explicit overrides; complex keys fail the schema later
+        key = loader.construct_object(key_node)
+        dotted = f"{path}.{key}" if path else str(key)
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise _Refused(f"{dotted}: key given twice (lines {lines[key]} and {line}); keep one")
+        lines[key] = line
+        children.append((value_node, dotted))
+    return children
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document read with :class:`StrictLoader`.
+
+    Raises:
+        ConfigError: one problem, in one line: ``invalid YAML at line L, column C: ...`` or
+            what StrictLoader refused (a key given twice, too deep a nesting).
+    """
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # safe: a SafeLoader subclass
+    except _Refused as exc:
+        raise ConfigError([exc.problem]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at {_where(mark)}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"invalid YAML{where}: {problem}"]) from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"a.b=c"`` -> ``("a.b", yaml value of c)``; raises ConfigError on malformed text."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise ConfigError([f"--set {text!r}: expected key.path=value, e.g. train.epochs=5"])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
+    if key.count(".") >= MAX_NESTING:  # no setting is that deep, and set_path would build it
         raise ConfigError(
-            [f"--set {key}: value is not valid YAML ({exc.__class__.__name__})"]
-        ) from None
-    return key.strip(), value
+            [f"--set {key[:40]}...: nested too deeply (more than {MAX_NESTING} levels)"]
+        )
+    try:
+        value = parse_yaml(raw) if raw.strip() else ""
+    except ConfigError as exc:
+        raise ConfigError([f"--set {key}: {exc.problems[0]}"]) from None
+    return key, value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The YAML mapping in ``path``; ConfigError names the file and line for every failure."""
     path = Path(path)
+    text = _read_config_text(path)  # its errors name the file already
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([f"config file not found; check the path ({path})"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"cannot read config file {path}: {exc}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([f"invalid YAML at{where}: {problem}"], source=str(path)) from None
-    if data is None:
-        return {}
+        data = parse_yaml(text)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source=str(path)) from None
+    if data is None or data == {}:
+        raise ConfigError(
+            [
+                "the config is empty; it needs at least the data and model sections "
+                "(see configs/ for examples)"
+            ],
+            source=str(path),
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             ["the top level must be a mapping of sections (data:, model:, ...)"], source=str(path)
         )
     return data
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of ``path``, refused unless it is a regular file of at most MAX_CONFIG_BYTES.
+
+    Opened without blocking and checked on the open descriptor: opening a FIFO waits for a
+    writer forever, and reading a device such as /dev/zero never ends.
+    """
+    try:
+        raw = _read_regular_file(path, MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError([f"config file not found; check the path ({path})"]) from None
+    except OSError as exc:
+        kind = None
+        with contextlib.suppress(OSError):  # a socket cannot even be opened: say what it is
+            kind = _file_kind(path.stat().st_mode)
+        if kind:
+            raise ConfigError([_not_a_config_file(path, kind)]) from None
+        raise ConfigError([f"cannot read config file {path}: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        why = f"larger than {MAX_CONFIG_BYTES >> 20} MiB, far more than any config"
+        raise ConfigError([_not_a_config_file(path, why)])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"cannot read config file {path}: {exc}"]) from None
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``path``; OSError unless it is a regular file."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as file:
+        kind = _file_kind(os.fstat(fd).st_mode)
+        if kind:
+            raise OSError(errno.EINVAL, kind, str(path))
+        return file.read(limit)
+
+
+def _file_kind(mode: int) -> str | None:
+    """What a non-regular file is (``a directory``, ``a FIFO``...), or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {
+        stat.S_ISDIR: "a directory",
+        stat.S_ISFIFO: "a FIFO (named pipe)",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+    }
+    return next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+
+
+def _not_a_config_file(path: Path, why: str) -> str:
+    return f"cannot read config file {path}: it is {why}; pass an experiment YAML (see configs/)"
 
 
 def build_config(

@@ -32,9 +32,13 @@ import re
 import time
 from pathlib import Path
 
-import yaml
-
-from segnet.config import ExperimentConfig, build_config, config_to_dict, config_to_yaml
+from segnet.config import (
+    ExperimentConfig,
+    build_config,
+    config_to_dict,
+    config_to_yaml,
+    read_yaml,
+)
 from segnet.errors import ConfigError, RunDirError
 from segnet.files import TEMPORARY_PREFIX, FolderLock, atomic_write_text
 
@@ -67,20 +71,30 @@ def explain_os_error(exc: OSError, path: Path) -> RunDirError:
     return RunDirError(f"{path}: {exc.strerror or exc}")
 
 
-def stored_config(run_dir: Path) -> ExperimentConfig | None:
-    """The config a run directory was created with, or None for a new directory."""
+def stored_config(run_dir: Path, flag: str = "--run-dir") -> ExperimentConfig | None:
+    """The config a run directory was created with, or None for a new directory.
+
+    Args:
+        run_dir: the run directory.
+        flag: the command-line flag that named ``run_dir`` (``--run-dir`` for train, ``--run``
+            for evaluate and predict), for the hint when the stored config is unusable.
+
+    Raises:
+        RunDirError: ``config.yaml`` exists but does not parse or validate; one line with the
+            first problem and how to get going again.
+    """
     path = run_dir / CONFIG_NAME
     if not path.exists():
         return None
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        if data is not None and not isinstance(data, dict):  # build_config takes a mapping
-            raise ConfigError([f"expected a mapping of sections, got {type(data).__name__}"])
-        return build_config(data or {}, source=str(path))
-    except (yaml.YAMLError, ConfigError, OSError) as exc:
+        return build_config(read_yaml(path), source=str(path))
+    except ConfigError as exc:
+        more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
+        earlier = sorted(run_dir.glob("config.before-*.yaml"))  # kept by a forced change
+        kept = f" (its previous version is kept as {earlier[-1].name})" if earlier else ""
         raise RunDirError(
-            f"{path} is not a readable segnet config ({exc}); this directory "
-            "holds something else: choose another --run-dir"
+            f"{path} is not a readable segnet config: {exc.problems[0]}{more}; repair "
+            f"it{kept} or point {flag} at another run directory"
         ) from None
 
 

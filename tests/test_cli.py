@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,16 +10,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+from segnet.cli import evaluate_main, predict_main, train_main
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_script(name: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_script(
+    name: str, *args: str, cwd: Path = REPO, timeout: float = 120
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / f"{name}.py"), *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        timeout=120,
+        timeout=timeout,
     )
 
 
@@ -85,3 +90,52 @@ def test_print_config_resolves_defaults_and_overrides():
 def test_other_scripts_reject_missing_arguments(name: str):
     result = run_script(name)
     assert result.returncode == 2 and "required" in result.stderr
+
+
+def test_train_requires_a_config(capsys: pytest.CaptureFixture[str]):
+    # --print-config: were --config optional again, this would print the defaults, not train.
+    with pytest.raises(SystemExit) as info:
+        train_main(["--print-config"])
+    assert info.value.code == 2
+    assert "--config" in capsys.readouterr().err
+
+
+def test_a_fifo_config_exits_2_at_once(tmp_path: Path):
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    result = run_script("train", "--config", str(fifo), timeout=60)  # blocked forever before
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and str(fifo) in result.stderr
+
+
+BROKEN_STORED_CONFIGS = [
+    ("name: a\nmodel: [1, 2\n", "invalid YAML at line 3"),
+    (
+        "name: a\ntrain:\n  epochs: 2\n  epochs: 3\n",
+        "train.epochs: key given twice (lines 3 and 4)",
+    ),
+    ("name: a\ntrain:\n  epochs: -1\n", "train.epochs: must be at least 1"),
+    ("", "empty"),
+]
+
+
+@pytest.mark.parametrize(("text", "problem"), BROKEN_STORED_CONFIGS)
+@pytest.mark.parametrize("program", ["evaluate", "predict"])
+def test_a_broken_stored_config_is_one_line_naming_the_run_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], program: str, text: str, problem: str
+):
+    # The run needs no checkpoints: the stored config is read before anything else.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(text)
+    (run / "config.before-20250101-000000.yaml").write_text("name: a\n")
+    argv = ["--run", str(run)]
+    if program == "predict":
+        argv += ["--input", str(tmp_path / "scan.nii.gz"), "--output", str(tmp_path / "out")]
+    main = evaluate_main if program == "evaluate" else predict_main
+    assert main([*argv, "--quiet"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{run / 'config.yaml'} is not a readable segnet config" in line
+    assert problem in line
+    assert "--run " in line and "--run-dir" not in line
+    assert "config.before-20250101-000000.yaml" in line

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import string
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,11 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from segnet.config import (
+    MAX_CONFIG_BYTES,
     ExperimentConfig,
     build_config,
     config_to_dict,
     config_to_yaml,
     load_config,
+    parse_yaml,
+    read_yaml,
 )
 from segnet.errors import ConfigError
 
@@ -251,3 +257,157 @@ def test_random_override_text_never_raises_anything_else(text: str):
         build_config({}, [text])
     except ConfigError as exc:
         assert exc.problems
+
+
+# ----------------------------------------------------------------------------------------------
+# What PyYAML lets through: special files, duplicate keys, deep nesting, empty files.
+# ----------------------------------------------------------------------------------------------
+def raised_promptly(call: Callable[[], object], fifo: Path) -> BaseException | None:
+    """What ``call`` raised (None if nothing), failing rather than hanging if it blocks.
+
+    Opening a FIFO for reading waits for a writer: if ``call`` is still blocked after a few
+    seconds, a writer comes and goes so that the thread ends, and the test fails.
+    """
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join()
+        pytest.fail(f"reading {fifo} blocked waiting for a writer")
+    return raised[0] if raised else None
+
+
+@pytest.mark.parametrize("read", [read_yaml, load_config], ids=["read_yaml", "load_config"])
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path, read: Callable):
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    error = raised_promptly(lambda: read(fifo), fifo)
+    assert isinstance(error, ConfigError), error
+    assert str(fifo) in str(error) and "FIFO" in str(error)
+
+
+def test_a_device_is_refused():
+    # /dev/null reads as an empty file, which used to train on every default.
+    with pytest.raises(ConfigError, match="/dev/null: it is a character device"):
+        load_config("/dev/null")
+
+
+def test_an_oversized_file_is_refused(tmp_path: Path):
+    path = tmp_path / "huge.yaml"
+    path.write_text("name: x\n" + "# padding\n" * (MAX_CONFIG_BYTES // 10))
+    with pytest.raises(ConfigError, match="larger than 1 MiB") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+DEEP_LIST = "[" * 5000 + "]" * 5000
+
+
+def test_deep_nesting_is_one_config_error_naming_file_and_line(tmp_path: Path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("name: x\na: " + DEEP_LIST + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [info.value.problems[0]]
+    assert str(path) in str(info.value)
+    assert "nested too deeply at line 2" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"data.patch_size={DEEP_LIST}", "name." + "a." * 5000 + "b=1", "data.root=" + "{a: " * 5000],
+    ids=["deep-value", "deep-key", "deep-unclosed-mapping"],
+)
+def test_deep_overrides_are_one_config_error(override: str):
+    (problem,) = problems_of({}, [override])
+    assert problem.startswith("--set ") and "nested too deeply" in problem
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: a\nname: b\n", "name: key given twice (lines 1 and 2)"),
+        (
+            "train:\n  epochs: 2\n  batch_size: 1\nmodel: {}\ntrain:\n  epochs: 3\n",
+            "train: key given twice (lines 1 and 5)",
+        ),
+        (
+            "train:\n  epochs: 2\n  batch_size: 1\n  epochs: 3\n",
+            "train.epochs: key given twice (lines 2 and 4)",
+        ),
+        (
+            "data:\n  cases:\n    - id: a\n      images: [x]\n      id: b\n",
+            "data.cases[0].id: key given twice (lines 3 and 5)",
+        ),
+    ],
+    ids=["top-level", "section", "setting", "in-a-list"],
+)
+def test_duplicate_keys_are_refused_naming_both_lines(tmp_path: Path, text: str, expected: str):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems[0].startswith(expected), info.value.problems
+    assert str(path) in str(info.value)
+
+
+def test_duplicate_keys_are_refused_in_overrides():
+    (problem,) = problems_of({}, ["train={epochs: 2, epochs: 3}"])
+    assert problem.startswith("--set train: epochs: key given twice")
+
+
+def test_yaml_merge_keys_still_override():
+    # `<<:` merges are how YAML spells "these, except": not a key given twice.
+    assert parse_yaml("base: &b {x: 1}\nother:\n  <<: *b\n  x: 2\n")["other"] == {"x": 2}
+
+
+def test_an_integer_too_long_to_parse_is_a_config_error(tmp_path: Path):
+    path = tmp_path / "digits.yaml"
+    path.write_text("train:\n  epochs: 1" + "0" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="line 2, column 11 has 5001 digits"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n\n", "{}\n", "---\n...\n"])
+def test_an_empty_config_is_refused(tmp_path: Path, text: str):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "empty" in str(info.value)
+    assert "data" in str(info.value) and "configs/" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("", "empty"),
+        (".", "current folder"),
+        ("..", "parent folder"),
+        ("../elsewhere", "path separator"),
+        ("a\\b", "path separator"),
+        ("nul\x00byte", "control character"),
+        ("new\nline", "control character"),
+        ("x" * 300, "too long"),
+        ("é" * 128, "too long"),  # 128 characters but 256 bytes
+    ],
+)
+def test_name_must_be_a_plain_folder_name(name: str, why: str):
+    (problem,) = problems_of({"name": name})
+    assert problem.startswith("name: ") and why in problem
+    suggested = problem.rsplit("e.g. ", 1)[1].strip("'")
+    assert build_config({"name": suggested}).name == suggested
+
+
+@pytest.mark.parametrize("name", ["a", "my experiment", "run.v2", "x" * 128, "ünïcode"])
+def test_plain_folder_names_are_accepted(name: str):
+    assert build_config({"name": name}).name == name

@@ -82,7 +82,7 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentC
             f"--run {run_dir}: run directory not found; check the path, or train one first "
             f"with: {train_command(run_dir)}"
         )
-    config = stored_config(run_dir)
+    config = stored_config(run_dir, flag="--run")
     if config is None:
         raise RunDirError(
             f"--run {run_dir}: not a segnet run directory (no {CONFIG_NAME}); point --run at "

@@ -138,6 +138,12 @@ def config_text(text: str | bytes) -> Make:
     return make
 
 
+def fifo_config(ws: Workspace) -> list[str]:
+    """A FIFO where the config should be: opening it for reading waits for a writer."""
+    os.mkfifo(ws.config)
+    return ["--config", str(ws.config), "--run-dir", str(ws.run)]
+
+
 def dataset(edit: Callable[[Path], None], **sections: Any) -> Make:
     """The dataset copy edited by ``edit(root)``, and ``sections`` merged into the config."""
 
@@ -413,6 +419,7 @@ def _evaluate_on_truncated_labels(ws: Workspace) -> list[str]:
 _LIST_CASES = {"format": "list", "split": {"folds_file": None, "val": ["case_001"]}}
 _CASE = {"id": "case_000", "images": [IMAGE], "label": LABEL}
 _UNKNOWN_EVERYWHERE = {name: {"bogus": 1} for name in SECTIONS}
+_DEEP = "[" * 5000 + "]" * 5000  # PyYAML's recursive composer gave up near 1000 levels
 
 # ---------------------------------------------------------------------------------------------
 # The corpus
@@ -425,6 +432,13 @@ CONFIG = [
     BadInput("yaml-not-utf8", "config", config_text(b"name: caf\xe9\n"), ("cannot read config file {config}",)),
     BadInput("config-file-missing", "config", lambda ws: ["--config", str(ws.tmp / "missing.yaml")], ("config file not found", "missing.yaml")),
     BadInput("config-is-a-directory", "config", lambda ws: ["--config", str(ws.root)], ("cannot read config file {root}",)),
+    BadInput("config-is-a-fifo", "config", fifo_config, ("cannot read config file {config}", "FIFO"), subprocess=True),
+    BadInput("config-empty", "config", config_text("# settings to come\n"), ("{config}", "the config is empty")),
+    BadInput("yaml-duplicate-key", "config", config_text("train:\n  epochs: 2\n  batch_size: 1\n  epochs: 3\n"), ("{config}", "train.epochs: key given twice (lines 2 and 4)")),
+    BadInput("yaml-deeply-nested", "config", config_text(f"name: x\ndata:\n  patch_size: {_DEEP}\n"), ("{config}", "nested too deeply at line 3")),
+    BadInput("name-parent-folder", "config", change(name=".."), ("name: '..' is the parent folder",)),
+    BadInput("name-with-nul", "config", change(name="run\x00one"), ("name: contains a control character",)),
+    BadInput("name-too-long", "config", change(name="r" * 300), ("name: is too long: 300 characters",)),
     BadInput("unknown-top-level-key", "config", change(trian={"epochs": 2}), ("trian: unknown key (did you mean 'train'?)",)),
     BadInput("unknown-data-key", "config", change(data={"rooot": "x"}), ("data.rooot: unknown key (did you mean 'root'?)",)),
     BadInput("unknown-split-key", "config", change(data={"split": {"folds": 3}}), ("data.split.folds: unknown key",)),
@@ -455,7 +469,8 @@ CONFIG = [
     BadInput("class-weights-length", "config", change(loss={"class_weights": [1.0, 2.0]}), ("loss.class_weights: needs 3 values (data.num_classes), got 2",)),
     BadInput("set-unknown-key", "config", change("--set", "train.epohcs=3"), ("train.epohcs: unknown key (did you mean 'epochs'?)",)),
     BadInput("set-without-equals", "config", change("--set", "trainepochs"), ("--set 'trainepochs': expected key.path=value",)),
-    BadInput("set-invalid-yaml-value", "config", change("--set", "train.epochs=[1"), ("--set train.epochs: value is not valid YAML",)),
+    BadInput("set-invalid-yaml-value", "config", change("--set", "train.epochs=[1"), ("--set train.epochs: invalid YAML at line 1",)),
+    BadInput("set-deeply-nested-value", "config", change("--set", f"data.patch_size={_DEEP}"), ("--set data.patch_size: nested too deeply",)),
     BadInput("data-root-missing", "config", lambda ws: change(data={"root": str(ws.tmp / "no-such-dataset")})(ws), ("data.root: dataset folder not found: {tmp}/no-such-dataset",)),
     BadInput("folds-file-missing", "config", change(data={"split": {"folds_file": "nope.json"}}), ("data.split.folds_file: not found: {root}/nope.json",)),
     BadInput("case-list-file-missing", "config", change(data={**_LIST_CASES, "cases": [{**_CASE, "images": ["imagesTr/ghost.nii.gz"]}]}), ("data.cases[0] (case_000): file not found: {root}/imagesTr/ghost.nii.gz",)),
