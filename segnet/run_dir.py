@@ -116,6 +116,10 @@ def config_differences(old: ExperimentConfig, new: ExperimentConfig) -> list[str
 def check_run_dir(run_dir: Path, config: ExperimentConfig, force: bool = False) -> bool:
     """Checks, without writing anything, that ``run_dir`` can hold this experiment.
 
+    Training longer is the same experiment: a config that only raises ``train.epochs`` resumes
+    without ``--force`` (the learning-rate schedule is then laid over the new length, see
+    ``segnet.training.optimizers``); shortening it is a different experiment.
+
     Returns:
         True when the directory already holds this experiment (the run resumes).
 
@@ -137,6 +141,8 @@ def check_run_dir(run_dir: Path, config: ExperimentConfig, force: bool = False) 
     if old is None:
         return False
     diffs = config_differences(old, config)
+    if config.train.epochs > old.train.epochs:  # continuing a run for longer
+        diffs = [d for d in diffs if not d.startswith("train.epochs:")]
     if diffs and not force:
         shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
         raise RunDirError(

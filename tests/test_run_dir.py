@@ -37,10 +37,19 @@ def test_same_config_resumes_and_different_config_is_refused(tmp_path: Path):
     initialise_run_dir(tmp_path, config)
     assert stored_config(tmp_path) == config
     assert check_run_dir(tmp_path, config) is True
-    other = build_config({"train": {"epochs": 99}})
-    with pytest.raises(RunDirError, match=r"train\.epochs: 10 -> 99.*--force"):
+    other = build_config({"train": {"seed": 99}})
+    with pytest.raises(RunDirError, match=r"train\.seed: 0 -> 99.*--force"):
         check_run_dir(tmp_path, other)
     assert check_run_dir(tmp_path, other, force=True) is True
+
+
+def test_more_epochs_resume_without_force_and_fewer_are_refused(tmp_path: Path):
+    initialise_run_dir(tmp_path, build_config({"train": {"epochs": 10}}))
+    assert check_run_dir(tmp_path, build_config({"train": {"epochs": 25}})) is True
+    with pytest.raises(RunDirError, match=r"train\.epochs: 10 -> 5"):
+        check_run_dir(tmp_path, build_config({"train": {"epochs": 5}}))
+    with pytest.raises(RunDirError, match=r"train\.steps_per_epoch"):  # the rest still counts
+        check_run_dir(tmp_path, build_config({"train": {"epochs": 25, "steps_per_epoch": 7}}))
 
 
 def test_forced_change_keeps_the_old_config(tmp_path: Path):

@@ -64,7 +64,7 @@ def _low_run_config(run_dir: Path) -> ExperimentConfig:
             "train_stage 'low' run (runs/<name> by default)"
         )
     try:
-        low_config = stored_config(run_dir)
+        low_config = stored_config(run_dir, flag="model.unet3d_cascade.stage1_from")
     except UserError as exc:
         raise UserError(f"{KEY}: {exc}") from None
     if low_config is None:

@@ -59,6 +59,7 @@ from segnet.run_dir import (
     explain_os_error,
     hold_run_dir,
     initialise_run_dir,
+    stored_config,
 )
 from segnet.training.checkpoints import (
     NO_SCORE,
@@ -159,6 +160,7 @@ def train(
                 raise explain_os_error(exc, run_dir) from None
         # Again, now that no other process can be writing the run directory.
         resuming = check_run_dir(run_dir, config, force)
+        _log_extension(stored_config(run_dir), config)
         precision = _session_precision(config, cluster, run_dir / CHECKPOINT_DIR)
         stored = config  # the run directory keeps "auto" as written; the session uses the choice
         config = replace(config, runtime=replace(config.runtime, precision=precision))
@@ -174,6 +176,17 @@ def train(
             stack.enter_context(_log_file(run_dir / "train.log"))
         log.info("%s %s", "resuming" if resuming else "starting", run_dir)
         return session.run(quiet)
+
+
+def _log_extension(previous: ExperimentConfig | None, config: ExperimentConfig) -> None:
+    if previous is not None and previous.train.epochs < config.train.epochs:
+        log.info(
+            "training longer: train.epochs %d -> %d; the learning-rate schedule now spans %d "
+            "epochs, so it continues from where the longer schedule is at the resumed step",
+            previous.train.epochs,
+            config.train.epochs,
+            config.train.epochs,
+        )
 
 
 def _session_precision(

@@ -520,7 +520,7 @@ RUN_DIR = [
     BadInput("run-dir-in-proc", "run_dir", run_dir_at(lambda ws: Path("/proc/segnet-reliability/run")), ("/proc/segnet-reliability/run",)),
     BadInput("run-dir-holds-users-files", "run_dir", run_dir_at(_users_folder), ("--run-dir {tmp}/my-results: not a segnet run directory", "metrics.csv"), subprocess=True),
     BadInput("run-dir-in-use", "run_dir", existing(lambda ws: None), ("--run-dir {run}: another training process",), existing_run=True, fault=_run_dir_held_by_another_process),
-    BadInput("different-experiment", "run_dir", existing(lambda ws: None, train={"epochs": 2}), ("{run}/config.yaml holds a different experiment (train.epochs: 1 -> 2)", "--force"), existing_run=True),
+    BadInput("different-experiment", "run_dir", existing(lambda ws: None, train={"seed": 5}), ("{run}/config.yaml holds a different experiment (train.seed: 0 -> 5)", "--force"), existing_run=True),
     BadInput("config-not-a-segnet-config", "run_dir", existing(lambda ws: (ws.run / "config.yaml").write_text("- a list\n")), ("{run}/config.yaml is not a readable segnet config",), existing_run=True),
     BadInput("every-checkpoint-unreadable", "run_dir", existing(_truncate_checkpoints), ("{run}/checkpoints: no checkpoint can be read",), existing_run=True),
     BadInput("checkpoint-of-another-model", "run_dir", existing(lambda ws: None, "--force", model={"segnet": {"filters": 8}}), ("does not fit this model",), existing_run=True),

@@ -77,6 +77,24 @@ def test_running_again_on_a_finished_run_changes_nothing(
     assert (run / "export" / "model.keras").stat().st_mtime_ns == exported
 
 
+def test_a_finished_run_continues_for_more_epochs(
+    reference_run: TrainResult, tiny_root: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    run = Path(shutil.copytree(reference_run.run_dir, tmp_path / "run"))
+    longer = tiny_config(tiny_root, reference_run.run_dir.parent, EVERY_STEPS, "train.epochs=3")
+    result = train(longer, run_dir=run, quiet=True)  # no --force: training longer is allowed
+    assert (result.step, result.epochs_done, result.interrupted) == (9, 3, False)
+    with (run / "metrics.csv").open() as handle:
+        assert [r["epoch"] for r in csv.DictReader(handle)] == ["1", "2", "3"]
+    assert "epochs: 3" in (run / "config.yaml").read_text()
+    (before,) = run.glob("config.before-*.yaml")
+    assert "epochs: 2" in before.read_text()
+    log = (run / "train.log").read_text()
+    assert "restored" in log and "(step 6)" in log
+
+
 _LOAD_WITHOUT_SEGNET = """
 import sys
 import numpy as np
