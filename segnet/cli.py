@@ -147,8 +147,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", type=Path, required=True, help="run directory")
     parser.add_argument(
         "--checkpoint",
-        default="best",
-        help="best | latest | all | a checkpoint path (default: best)",
+        default=None,
+        help="best | latest | all | a checkpoint path (default: latest when the evaluated "
+        "cases are the ones that chose best, else best)",
     )
     parser.add_argument(
         "--data",

@@ -63,6 +63,7 @@ from segnet.inference.predict import (
     write_segmentation,
 )
 from segnet.metrics import ClassMetrics, compute_case_metrics, summarize
+from segnet.run_dir import CHECKPOINT_DIR
 
 log = logging.getLogger("segnet")
 EVALUATION_DIR = "evaluation"
@@ -72,7 +73,7 @@ _STAGED = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-\d+-[0-9a-f]+")
 
 def evaluate_run(
     run_dir: Path,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
     data: str | None = None,
     overrides: list[str] = (),  # type: ignore[assignment]
     quiet: bool = False,
@@ -81,7 +82,8 @@ def evaluate_run(
 
     Args:
         run_dir: the run directory.
-        checkpoint: ``best``, ``latest``, ``all`` or a path (``segnet.inference.loading``).
+        checkpoint: ``best``, ``latest``, ``all`` or a path (``segnet.inference.loading``);
+            None picks one (:func:`default_checkpoint`).
         data: None for the run's held-out split, a config YAML, or a dataset folder.
         overrides: ``key=value`` changes to ``evaluation.*`` and other inference settings.
         quiet: no progress bars.
@@ -94,20 +96,26 @@ def evaluate_run(
     """
     run_dir = Path(run_dir)
     config = loading.load_run_config(run_dir, overrides)
+    run_config = config
+    config, cases = evaluation_cases(config, data)
+    chose_best = cases_that_chose_best(run_config, cases)
+    checkpoint, selection = _pick_checkpoint(run_dir, checkpoint, chose_best, len(cases))
+    log.info("checkpoint: %s", selection)
     refs = loading.resolve_checkpoints(run_dir, checkpoint, allow_all=True)
     evaluation_dir = ensure_writable_dir(
         run_dir / EVALUATION_DIR, "evaluation folder", "fix the permissions of the run directory"
     )
-    config, cases = evaluation_cases(config, data)
     class_names = dataset_class_names(config)
     results: dict[str, Any] = {}
     with _hold(evaluation_dir):
         recover_interrupted(evaluation_dir)
         for ref in refs:
             folder = evaluation_dir / evaluation_folder_name(ref.name, data)
-            document = evaluate_checkpoint(run_dir, config, ref, cases, class_names, quiet, folder)
+            document = evaluate_checkpoint(
+                run_dir, config, ref, cases, class_names, quiet, folder, selection
+            )
             results[ref.name] = document
-            print(f"\n{ref.name} ({ref.path}), {len(cases)} cases:")
+            print(f"\n{ref.name} ({ref.path}), {len(cases)} cases; {selection}:")
             print(report.summary_table(document["summary"], class_names))
     if len(refs) > 1:
         ranking = report.ranking_table({name: doc["summary"] for name, doc in results.items()})
@@ -125,12 +133,14 @@ def evaluate_checkpoint(
     class_names: dict[int, str] | None = None,
     quiet: bool = False,
     out_dir: Path | None = None,
+    selection: str | None = None,
 ) -> dict[str, Any]:
     """Predicts and scores ``cases`` with one checkpoint; writes its evaluation folder.
 
     Args:
         out_dir: the folder (default ``<run_dir>/evaluation/<checkpoint name>``). It is written
             aside and swapped in when complete, replacing an earlier evaluation as a whole.
+        selection: how the checkpoint was chosen, kept in ``metrics.json``.
 
     Returns:
         The metrics document (see ``report.metrics_document``).
@@ -150,6 +160,7 @@ def evaluate_checkpoint(
             per_case=per_case,
             class_names=class_names,
         )
+        document["checkpoint_selection"] = selection
         report.write_per_case_csv(staging / "per_case.csv", per_case)
         report.write_json(staging / "metrics.json", document)  # last: the folder is complete
         _swap_in(staging, out_dir)
@@ -226,6 +237,44 @@ def recover_interrupted(evaluation_dir: Path) -> list[str]:
     for line in repairs:
         log.warning("%s", line)
     return repairs
+
+
+def cases_that_chose_best(config: ExperimentConfig, cases: list[CaseFiles]) -> list[str]:
+    """The evaluated cases among those whose validation Dice picked the run's best checkpoint
+    (the held-out split of the run's own config), matched by their image files."""
+    if config.train.val_every == 0:
+        return []
+    try:
+        held_out = load_split(config.data).val
+    except UserError:  # the training data moved away: nothing to compare with
+        return []
+    chosen_by = {p.resolve() for case in held_out for p in case.images}
+    return [case.case_id for case in cases if any(p.resolve() in chosen_by for p in case.images)]
+
+
+def _pick_checkpoint(
+    run_dir: Path, requested: str | None, chose_best: list[str], num_cases: int
+) -> tuple[str, str]:
+    """The checkpoint to score and one phrase saying why, for the output and metrics.json.
+
+    ``best`` was picked by the validation Dice of some held-out cases: scored on those same
+    cases it looks better than it is. So the default is ``latest`` when they are evaluated.
+    """
+    overlap = f"{len(chose_best)} of these {num_cases} cases chose the best checkpoint"
+    if requested is not None:
+        if requested in ("best", "all") and chose_best:
+            log.warning(
+                "%s: its score on them is optimistic; --checkpoint latest gives a fair one",
+                overlap,
+            )
+        return requested, f"--checkpoint {requested} as asked" + (
+            f" ({overlap}: optimistic for best)" if chose_best and requested != "latest" else ""
+        )
+    if chose_best:
+        return "latest", f"latest by default, because {overlap}"
+    if not (run_dir / CHECKPOINT_DIR / loading.BEST_DIR).is_dir():
+        return "latest", "latest by default: the run kept no best checkpoint"
+    return "best", "best by default: none of these cases chose it"
 
 
 def evaluation_folder_name(checkpoint_name: str, data: str | None) -> str:

@@ -366,3 +366,33 @@ def test_a_truncated_checkpoint_is_named_with_the_fix(run: Path, capsys: pytest.
     error = capsys.readouterr().err
     assert status == 2, error
     assert "Traceback" not in error and "ckpt-2" in error and "--checkpoint" in error
+
+
+# ---------------------------------------------------------------------------------------------
+# The default checkpoint is never scored on the cases that chose it
+# ---------------------------------------------------------------------------------------------
+def test_default_is_latest_on_the_cases_that_chose_best(run: Path, oracle):
+    results = evaluate_run(run, quiet=True)
+    assert list(results) == ["latest"]
+    stored = json.loads((run / "evaluation" / "latest" / "metrics.json").read_text())
+    assert stored["checkpoint_selection"].startswith("latest by default")
+    assert "2 of these 2 cases chose the best checkpoint" in stored["checkpoint_selection"]
+
+
+def test_default_is_best_on_cases_that_did_not_choose_it(
+    run: Path, dataset: Path, tmp_path: Path, oracle
+):
+    config = tmp_path / "other.yaml"
+    data = {"root": str(dataset), "num_classes": NUM_CLASSES, "num_channels": 2}
+    config.write_text(yaml.safe_dump({"data": {**data, "split": {"val": ["case_0", "case_1"]}}}))
+    results = evaluate_run(run, data=str(config), quiet=True)
+    assert list(results) == ["best"]
+    assert results["best"]["checkpoint_selection"].startswith("best by default")
+
+
+def test_asking_for_best_on_its_own_cases_is_scored_with_a_warning(
+    run: Path, oracle, caplog: pytest.LogCaptureFixture
+):
+    document = evaluate_run(run, "best", quiet=True)["best"]
+    assert "optimistic" in document["checkpoint_selection"]
+    assert any("optimistic" in r.message for r in caplog.records)
