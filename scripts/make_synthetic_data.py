@@ -9,6 +9,7 @@ dataset; --force regenerates it.
 """
 
 import argparse
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -16,14 +17,16 @@ from pathlib import Path
 # Lets a plain clone run the script without `pip install`; an installed segnet works the same.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segnet.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from segnet.data.synthetic import SyntheticSpec, ensure_synthetic_dataset, is_synthetic_dataset
 from segnet.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = SyntheticSpec()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("data/synthetic"), help="dataset folder")
+    parser.add_argument(
+        "--out", "--output", type=Path, default=Path("data/synthetic"), help="dataset folder"
+    )
     parser.add_argument("--num-cases", type=int, default=defaults.num_cases)
     parser.add_argument(
         "--shape",
@@ -40,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-folds", type=int, default=defaults.num_folds)
     parser.add_argument("--anisotropic", action="store_true", help="1 x 1 x 2.5 mm voxels")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--force", action="store_true", help="replace an existing dataset")
+    parser.add_argument(
+        "--force", action="store_true", help="replace a synthetic dataset generated earlier"
+    )
     return parser.parse_args(argv)
 
 
@@ -55,7 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         num_folds=args.num_folds,
     )
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.force and (args.out / "dataset.json").is_file():
+        if not is_synthetic_dataset(args.out):  # a real dataset: never ours to delete
+            print(
+                f"make_synthetic_data: error: --force: {args.out} holds a dataset that this "
+                "script did not generate; it is left as it is: choose another --out",
+                file=sys.stderr,
+            )
+            return 2
         shutil.rmtree(args.out)
     try:
         root = ensure_synthetic_dataset(args.out, spec)

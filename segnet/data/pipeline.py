@@ -307,33 +307,45 @@ def describe_pipeline(
     spatial_dims: int = 3,
     batch_size: int | None = None,
 ) -> str:
-    """One line for the training log saying what :func:`build_dataset` will produce."""
+    """Short lines for the training log saying what :func:`build_dataset` will produce."""
     data, aug = config.data, config.augmentation
     batch = batch_size or config.train.batch_size
     patch = "x".join(map(str, training_patch_size(config, spatial_dims)))
     cache = _cache_capacity(data.max_cached_cases, len(cases))
-    workers = data.num_workers or "AUTOTUNE"
-    return (
-        f"tf.data: {len(cases)} cases, {spatial_dims}D patches {patch}x{data.num_channels}ch, "
-        f"global batch {batch}, {data.foreground_fraction:.0%} forced foreground, "
-        f"augmentation {_describe_augmentation(aug)}, seed {config.train.seed}, "
-        f"from sample {start_step * batch}, {workers} parallel calls, "
-        f"up to {cache} cases memory-mapped"
+    workers = data.num_workers or "auto"
+    return "\n".join(
+        [
+            f"patches: {spatial_dims}D {patch} x {data.num_channels} channels, batches of "
+            f"{batch}, {data.foreground_fraction:.0%} centred on foreground, from "
+            f"{len(cases)} cases",
+            _describe_augmentation(aug),
+            f"data stream: seed {config.train.seed}, starting at sample {start_step * batch}; "
+            f"{workers} parallel readers, up to {cache} cases memory-mapped",
+        ]
     )
 
 
 def _describe_augmentation(aug) -> str:
+    """One line for the geometric transforms, one for the intensity ones."""
     if not aug.enabled:
-        return "off"
-    parts = {
-        f"flip{list(aug.flip_axes)}": aug.flip_prob,
+        return "augmentation: off"
+    low, high = aug.scale_range
+    geometry = {
+        f"flip (axes {', '.join(map(str, aug.flip_axes))})": aug.flip_prob,
         "rot90": aug.rot90_prob,
-        f"affine(±{aug.rotation_degrees:g}°, zoom {aug.scale_range[0]:g}-{aug.scale_range[1]:g})": aug.affine_prob,
+        f"affine (±{aug.rotation_degrees:g}°, zoom {low:g}-{high:g})": aug.affine_prob,
+    }
+    intensity = {
         "scale": aug.intensity_scale_prob,
         "shift": aug.intensity_shift_prob,
         "gamma": aug.gamma_prob,
         "noise": aug.noise_prob,
         "blur": aug.blur_prob,
     }
-    active = [f"{name} p={p:g}" for name, p in parts.items() if p > 0]
-    return "on (" + ", ".join(active) + ")" if active else "on (every probability 0)"
+
+    def line(parts: dict[str, float]) -> str:
+        return ", ".join(f"{name} p={p:g}" for name, p in parts.items() if p > 0) or "none"
+
+    return (
+        f"augmentation of geometry: {line(geometry)}\naugmentation of intensity: {line(intensity)}"
+    )

@@ -19,6 +19,7 @@ Layout written under ``root``::
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import uuid
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from scipy import ndimage
 from segnet.data.volumes import make_geometry, write_volume
 from segnet.errors import UserError
 
+log = logging.getLogger("segnet")
 ANISOTROPIC_SPACING = (1.0, 1.0, 2.5)  # mm; axis 2 (the file's k) is the thick-slice axis
 _SHAPE_NAMES = ("ellipsoid", "torus", "blob", "tube")
 # Class mean intensities alternate above and below the tissue's 100 so no threshold splits them.
@@ -223,12 +225,15 @@ def write_synthetic_dataset(root: str | Path, spec: SyntheticSpec) -> Path:
     return root
 
 
+_NAME = "SegnetSynthetic"
+
+
 def _dataset_json(spec: SyntheticSpec) -> dict:
     names = ["background"] + [
         f"{_SHAPE_NAMES[(c - 1) % len(_SHAPE_NAMES)]}_{c}" for c in range(1, spec.num_classes)
     ]
     return {
-        "name": "SegnetSynthetic",
+        "name": _NAME,
         "description": "Synthetic phantoms from segnet.data.synthetic; "
         f"seed {spec.seed}, spacing {list(spec.spacing)} mm",
         "tensorImageSize": "3D",
@@ -276,6 +281,13 @@ def ensure_synthetic_dataset(root: str | Path, spec: SyntheticSpec | None = None
             "point data.root elsewhere"
         )
     tmp = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex}")
+    log.info(
+        "generating %d synthetic phantom cases of %s voxels in %s (first use only; takes a few "
+        "seconds)",
+        spec.num_cases,
+        "x".join(map(str, spec.shape)),
+        root,
+    )
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         write_synthetic_dataset(tmp, spec)
@@ -288,6 +300,14 @@ def ensure_synthetic_dataset(root: str | Path, spec: SyntheticSpec | None = None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def is_synthetic_dataset(root: Path) -> bool:
+    """Whether ``root`` holds a dataset this module generated (its dataset.json says so)."""
+    try:
+        return json.loads((root / "dataset.json").read_text("utf-8")).get("name") == _NAME
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _move_into_place(tmp: Path, root: Path) -> None:

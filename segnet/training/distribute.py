@@ -54,8 +54,14 @@ class Cluster:
 
     @property
     def description(self) -> str:
-        name = type(self.strategy).__name__
-        return f"{name} with {self.replicas} replica{'s' if self.replicas > 1 else ''}"
+        """How the work is spread, in plain words (no class names)."""
+        replicas = f"{self.replicas} replica{'s' if self.replicas > 1 else ''}"
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            workers = self.strategy.cluster_resolver.cluster_spec().num_tasks("worker")
+            return f"{replicas} on {workers} machines, gradients summed across all of them"
+        if isinstance(self.strategy, tf.distribute.MirroredStrategy):
+            return f"{replicas} on this machine, one per device, gradients summed across them"
+        return f"{replicas}, one device, no distribution"
 
 
 def build_strategy(config: ExperimentConfig) -> Cluster:

@@ -133,7 +133,7 @@ def choose_precision(
         return PrecisionChoice("float32", f"auto: {hardware} has no fast mixed precision")
     chosen: Precision = requested
     if chosen == "float32" or native[chosen]:
-        return PrecisionChoice(chosen, f"as configured ({hardware})")
+        return PrecisionChoice(chosen, f"as configured, on {hardware}")
     if chosen == "mixed_bfloat16":
         # float16 on a CPU fails outright for want of kernels (the trainer explains that);
         # bfloat16 runs, emulated, at a small fraction of float32's speed.
@@ -142,8 +142,8 @@ def choose_precision(
             "here, many times slower than float32 (23x measured on an AVX2 CPU); set "
             "runtime.precision: auto or float32"
         )
-        return PrecisionChoice(chosen, f"as configured ({hardware}, emulated)", warning)
-    return PrecisionChoice(chosen, f"as configured ({hardware})")
+        return PrecisionChoice(chosen, f"as configured, on {hardware}, emulated", warning)
+    return PrecisionChoice(chosen, f"as configured, on {hardware}")
 
 
 def precision_for_resume(

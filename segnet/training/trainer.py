@@ -202,13 +202,9 @@ def _session_precision(
     )
     if precision.warning:
         log.warning(precision.warning)
-    log.info(
-        "strategy: %s; precision %s (%s); XLA %s",
-        cluster.description,
-        precision.name,
-        precision.reason,
-        "on" if config.runtime.jit_compile else "off",
-    )
+    log.info("devices: %s", cluster.description)
+    log.info("precision: %s, %s", precision.name, precision.reason)
+    log.info("XLA: %s", "on (runtime.jit_compile)" if config.runtime.jit_compile else "off")
     return precision.name
 
 

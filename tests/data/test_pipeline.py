@@ -270,7 +270,9 @@ def test_distributed_dataset_yields_the_global_batch(cases):
 def test_describe_pipeline_names_the_settings(cases):
     config = _config(augmentation=EVERYTHING, max_cached_cases=2)
     text = describe_pipeline(config, cases, start_step=3, spatial_dims=2)
-    for part in ("3 cases", "2D patches 10x12x1ch", "global batch 2", "from sample 6", "rot90"):
+    for part in ("3 cases", "2D 10x12 x 1 channels", "batches of 2", "sample 6", "rot90"):
         assert part in text
     assert "up to 2 cases memory-mapped" in text
-    assert "augmentation off" in describe_pipeline(_config(), cases)
+    assert "augmentation: off" in describe_pipeline(_config(), cases)
+    assert "augmentation of intensity: scale p=" in text
+    assert max(map(len, text.splitlines())) <= 120  # lines a person reads, not a 330-char dump

@@ -36,7 +36,7 @@ CHILD_TIMEOUT = 300.0  # seconds for one child; a hung child fails its test, not
 # every record is written straight to the file, while stderr goes through a pipe thread).
 SAVED = re.compile(r"checkpoint saved: \S*ckpt-(\d+)$", re.MULTILINE)
 RESTORED = re.compile(r"restored \S*ckpt-(\d+) \(step (\d+)\)")
-PIPELINE_STARTED = "tf.data: "  # logged once the run has restored (or not) and starts its data
+PIPELINE_STARTED = "data stream: "  # logged once the run has restored (or not) and starts its data
 
 
 def experiment(root: Path, cache: Path, **sections: dict[str, Any]) -> dict[str, Any]:
