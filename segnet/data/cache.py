@@ -14,7 +14,9 @@ The settings hash covers the preprocessing section, num_classes, num_channels an
 the dataset fingerprint that change the output; the files hash covers each file's path, size
 and modification time. A case is built in a private temporary folder and renamed into place,
 so a reader never sees half a case and two runs filling the cache at once both end up with one
-complete copy. The second run reads only ``complete.json`` per case: no NIfTI decompression.
+complete copy. The second run reads no NIfTI file: it checks each entry's files (the ``.npy``
+headers and sizes, the small ``.npz`` and ``.json`` files) and rebuilds, with a warning, a case
+whose files were truncated or damaged since (a full disk, a copy cut short).
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -52,9 +57,12 @@ from segnet.data.volumes import int3
 from segnet.errors import UserError
 from segnet.files import atomic_write_text, ensure_writable_dir
 
+log = logging.getLogger("segnet")
 CACHE_VERSION = 1  # bump when the stored format or the preprocessing code's output changes
 _MARKER = "complete.json"
 _WORKERS = 2  # scipy resampling and zlib release the GIL; each worker holds one case in RAM
+# What numpy, zipfile and json raise for a truncated or corrupt file.
+_DAMAGED = (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
 
 
 def _digest(data: Any) -> str:
@@ -119,20 +127,69 @@ def _temporary_root() -> Path:
 # ---------------------------------------------------------------------------------------------
 # One case
 # ---------------------------------------------------------------------------------------------
-def _from_dir(case_dir: Path) -> PreprocessedCase | None:
-    """The stored case, or None when it is absent or incomplete."""
-    try:
-        marker = json.loads((case_dir / _MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+class _Damaged(Exception):
+    """A file of a complete cache entry is truncated or corrupt."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _from_dir(case_dir: Path, num_channels: int) -> PreprocessedCase | None:
+    """The stored case, checked file by file; None when it is absent or incomplete.
+
+    Raises:
+        _Damaged: the entry is complete but one of its files does not hold what it should.
+    """
+    marker_path = case_dir / _MARKER
+    if not marker_path.is_file():
         return None
-    labelled = bool(marker["labelled"])
-    return PreprocessedCase(
-        case_id=marker["case_id"],
-        image_path=case_dir / "image.npy",
-        label_path=case_dir / "label.npy" if labelled else None,
-        foreground_path=case_dir / "foreground.npz" if labelled else None,
-        shape=int3(marker["shape"]),
-    )
+    with _reading(marker_path):
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
+        labelled, shape = bool(marker["labelled"]), int3(marker["shape"])
+        case = PreprocessedCase(
+            case_id=str(marker["case_id"]),
+            image_path=case_dir / "image.npy",
+            label_path=case_dir / "label.npy" if labelled else None,
+            foreground_path=case_dir / "foreground.npz" if labelled else None,
+            shape=shape,
+        )
+    _check_array(case.image_path, (*shape, num_channels), np.float32)
+    if case.label_path is not None and case.foreground_path is not None:
+        _check_array(case.label_path, shape, np.uint8)
+        _check_foreground(case.foreground_path)
+    info_path = case_dir / "info.json"
+    with _reading(info_path):
+        info = PreprocessInfo.from_dict(json.loads(info_path.read_text(encoding="utf-8")))
+        if info.shape != shape:
+            raise ValueError(f"shape {info.shape} differs from {shape} in {_MARKER}")
+    return case
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turns what a truncated or corrupt file raises into a _Damaged naming it."""
+    try:
+        yield
+    except _DAMAGED as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _Damaged(path, reason) from None
+
+
+def _check_array(path: Path, shape: tuple[int, ...], dtype: type) -> None:
+    with _reading(path):
+        array = np.load(path, mmap_mode="r")  # reads the header, checks the size: no data
+        if array.shape != shape or array.dtype != dtype:
+            raise ValueError(
+                f"holds {array.dtype} {array.shape}, expected {np.dtype(dtype)} {shape}"
+            )
+
+
+def _check_foreground(path: Path) -> None:
+    with _reading(path), np.load(path) as data:
+        for name in data.files:  # reading each member checks its CRC; they are small
+            if data[name].ndim != 2 or data[name].shape[1] != 3:
+                raise ValueError(f"{name} has shape {data[name].shape}, expected (n, 3)")
 
 
 def _write_case(
@@ -160,12 +217,23 @@ def _prepare_one(
     root: Path, case: CaseFiles, config: ExperimentConfig, fingerprint: DatasetFingerprint
 ) -> PreprocessedCase:
     case_dir = _case_dir(root, case)
-    done = _from_dir(case_dir)
-    if done is not None:
-        return done
-    if case_dir.exists():  # left by an older, interrupted version of this code: rebuild it
-        shutil.rmtree(case_dir, ignore_errors=True)
-    tmp = root / f".tmp-{case_dir.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    channels = config.data.num_channels
+    try:
+        done = _from_dir(case_dir, channels)
+    except _Damaged as damaged:
+        log.warning(
+            "cache: %s is damaged (%s); rebuilding case %s",
+            damaged.path,
+            damaged.reason,
+            case.case_id,
+        )
+        _discard(root, case_dir, damaged)
+    else:
+        if done is not None:
+            return done
+        if case_dir.exists():  # left by an older, interrupted version of this code: rebuild it
+            shutil.rmtree(case_dir, ignore_errors=True)
+    tmp = _temporary_name(root, case_dir)
     try:
         _write_case(tmp, case, config, fingerprint)
         # Atomic: the case appears whole or not at all. If another run renamed its (identical)
@@ -174,10 +242,36 @@ def _prepare_one(
             tmp.rename(case_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    done = _from_dir(case_dir)
+    try:
+        done = _from_dir(case_dir, channels)
+    except _Damaged as damaged:
+        raise UserError(
+            f"{damaged.path}: still damaged after rebuilding ({damaged.reason}); delete "
+            f"{case_dir} and run again"
+        ) from None
     if done is None:
         raise UserError(f"cache folder {case_dir} could not be completed; delete it and retry")
     return done
+
+
+def _temporary_name(root: Path, case_dir: Path) -> Path:
+    return root / f".tmp-{case_dir.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _discard(root: Path, case_dir: Path, damaged: _Damaged) -> None:
+    """Moves a damaged entry out of the way in one rename (no reader sees it half deleted),
+    then deletes it; a leftover is an abandoned temporary folder, removed on a later run."""
+    trash = _temporary_name(root, case_dir)
+    try:
+        case_dir.rename(trash)
+    except FileNotFoundError:
+        return  # another run discarded it first
+    except OSError as exc:
+        raise UserError(
+            f"{damaged.path}: the cached copy of this case is damaged ({damaged.reason}) and "
+            f"cannot be removed ({exc.strerror}); delete {case_dir} and run again"
+        ) from None
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_info(case: PreprocessedCase) -> PreprocessInfo:

@@ -409,7 +409,25 @@ def _fold_from_file(
     unknown = sorted({i for ids in folds.values() for i in ids} - set(by_id))
     if unknown:
         problems.append(f"{path}: {len(unknown)} case ids not in the dataset: {unknown[:10]}")
+    problems += _cases_in_several_folds(path, folds)
     return set(folds[str(fold)])
+
+
+def _cases_in_several_folds(path: Path, folds: dict[str, list[str]]) -> list[str]:
+    """A case held out by one fold must train in every other: listed twice, it leaks."""
+    homes: dict[str, list[str]] = {}
+    for name, ids in folds.items():
+        for case_id in dict.fromkeys(ids):
+            homes.setdefault(case_id, []).append(name)
+    shared = {case_id: names for case_id, names in homes.items() if len(names) > 1}
+    if not shared:
+        return []
+    listing = ", ".join(f"{c} (folds {', '.join(n)})" for c, n in list(shared.items())[:10])
+    more = f" and {len(shared) - 10} more" if len(shared) > 10 else ""
+    return [
+        f"{path}: {len(shared)} case ids are in more than one fold: {listing}{more}; each case "
+        "must be in exactly one fold, else a held-out case is also trained on"
+    ]
 
 
 def _fold_from_shuffle(ids: list[str], split: SplitConfig, problems: list[str]) -> set[str]:

@@ -148,7 +148,32 @@ def _open(path: Path) -> nib.Nifti1Image:
         raise DataError(
             [f"{path}: not a NIfTI file ({type(image).__name__}); convert it to .nii.gz"]
         )
+    problem = _voxel_type_problem(np.dtype(image.header.get_data_dtype()))
+    if problem:
+        raise DataError([f"{path}: {problem}"])
     return image
+
+
+def _voxel_type_problem(dtype: np.dtype) -> str | None:
+    """Why voxels of ``dtype`` cannot be intensities or labels; None for real scalars.
+
+    Checked from the header, before any voxel is read: an RGB file otherwise fails deep in a
+    float cast (TypeError), and a complex one silently loses its imaginary part.
+    """
+    if dtype.kind in "uif":
+        return None
+    if dtype.kind == "c":
+        return (
+            f"complex-valued voxels ({dtype}); save the magnitude (abs) as a real volume, "
+            "e.g. np.abs(data)"
+        )
+    # NIfTI's structured types are RGB24 and RGBA32: fields named R, G, B (and A).
+    names = dtype.names or ()
+    held = f"{''.join(names)} voxels ({len(names)} values each)" if names else f"{dtype} voxels"
+    return (
+        f"holds {held}, not scalar values; convert it to a single-channel scalar volume "
+        "(one file per channel)"
+    )
 
 
 def _reason(exc: BaseException) -> str:
@@ -162,7 +187,7 @@ def read_geometry(path: str | Path) -> tuple[Geometry, tuple[int, ...]]:
     """The geometry and full data shape of a NIfTI file, from its header only (no voxel data).
 
     Raises:
-        DataError: the file is missing or not a NIfTI file.
+        DataError: the file is missing, not a NIfTI file, or holds no real scalar voxels.
     """
     path = Path(path)
     image = _open(path)
@@ -203,7 +228,8 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
         order and on-disk dtype (float if the header scales the data), and its geometry.
 
     Raises:
-        DataError: the file is missing, unreadable, truncated, not NIfTI, or not 3D.
+        DataError: the file is missing, unreadable, truncated, not NIfTI, not 3D, or its
+            voxels are not real scalars (RGB, complex).
     """
     path = Path(path)
     array, geometry = _load(path)
@@ -225,7 +251,8 @@ def read_multichannel(path: str | Path) -> tuple[np.ndarray, Geometry]:
         dtype, and its geometry.
 
     Raises:
-        DataError: the file is missing, unreadable, not NIfTI, or neither 3D nor 4D.
+        DataError: the file is missing, unreadable, not NIfTI, neither 3D nor 4D, or its
+            voxels are not real scalars (RGB, complex).
     """
     array, geometry = _load(Path(path))
     return array.reshape(*array.shape[:3], -1), geometry

@@ -49,7 +49,7 @@ import numpy as np
 from segnet.config import ExperimentConfig, SplitConfig, config_to_dict, load_config
 from segnet.console import progress_bar
 from segnet.data.datasets import CaseFiles, dataset_root, describe_dataset, load_split
-from segnet.data.validation import check_cases
+from segnet.data.validation import EVALUATE_FIXES, check_cases
 from segnet.data.volumes import read_volume
 from segnet.errors import ConfigError, UserError
 from segnet.evaluation import report
@@ -343,20 +343,25 @@ def evaluation_cases(
     if not cases:
         raise UserError(f"no labelled cases to evaluate in {config.data.root}")
     # Inference pads volumes smaller than the window, so that training-only check is off.
-    return config, check_cases(cases, dataclasses.replace(config.data, pad_small_volumes=True))
+    padded = dataclasses.replace(config.data, pad_small_volumes=True)
+    return config, check_cases(cases, padded, EVALUATE_FIXES).cases
 
 
 def _data_from_yaml(path: Path, config: ExperimentConfig) -> Any:
     other = load_config(path).data
     mismatched = [
         f"{path}: data.{name} is {getattr(other, name)} but the model was trained with "
-        f"{getattr(config.data, name)}"
+        f"{getattr(config.data, name)}; the data must match the model: set data.{name}: "
+        f"{getattr(config.data, name)} in {path.name} if it does, else evaluate other data"
         for name in ("num_channels", "num_classes")
         if getattr(other, name) != getattr(config.data, name)
     ]
     if mismatched:
         raise ConfigError(mismatched)
-    return other
+    # The file's data section replaces the run's, but --set data.skip_bad_cases=true (the fix
+    # check_cases names on evaluate) must still work.
+    skip = other.skip_bad_cases or config.data.skip_bad_cases
+    return dataclasses.replace(other, skip_bad_cases=skip)
 
 
 def _data_from_folder(path: Path, config: ExperimentConfig) -> Any:

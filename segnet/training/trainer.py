@@ -117,11 +117,16 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Preprocessed training and validation cases and the fingerprint they were made with."""
+    """Preprocessed training and validation cases and the fingerprint they were made with.
+
+    ``warnings`` are about data that trains but cannot teach what it should (a class no label
+    holds, all-background labels, all-zero images); :func:`train` logs them into train.log.
+    """
 
     train: list[PreprocessedCase]
     val: list[PreprocessedCase]
     fingerprint: DatasetFingerprint
+    warnings: tuple[str, ...] = ()
 
 
 def train(
@@ -175,6 +180,8 @@ def train(
             _write_fingerprint(run_dir, data.fingerprint)
             stack.enter_context(_log_file(run_dir / "train.log"))
         log.info("%s %s", "resuming" if resuming else "starting", run_dir)
+        for warning in data.warnings:  # checked before the run directory existed: log them now
+            log.warning("%s", warning)
         return session.run(quiet)
 
 
@@ -220,7 +227,8 @@ def load_training_data(config: ExperimentConfig) -> TrainingData:
         DataError: listing every unusable case (unless ``data.skip_bad_cases``).
     """
     split = load_split(config.data)
-    usable = {c.case_id for c in check_cases([*split.train, *split.val], config)}
+    checked = check_cases([*split.train, *split.val], config)
+    usable = {c.case_id for c in checked.cases}
     train_files = [c for c in split.train if c.case_id in usable]
     val_files = sorted(
         (c for c in split.val if c.case_id in usable and c.label is not None),
@@ -234,7 +242,8 @@ def load_training_data(config: ExperimentConfig) -> TrainingData:
     train_cases = prepare_cases(config, train_files, fingerprint)
     val_cases = prepare_cases(config, val_files, fingerprint) if val_files else []
     log.info("data: %d training cases, %d validation cases", len(train_cases), len(val_cases))
-    return TrainingData(train_cases, val_cases, fingerprint)
+    warnings = checked.warnings([c.case_id for c in train_files], config.data.num_classes)
+    return TrainingData(train_cases, val_cases, fingerprint, tuple(warnings))
 
 
 def resume_command(run_dir: Path) -> str:

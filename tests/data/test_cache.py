@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
 import multiprocessing
 import os
 import time
@@ -121,6 +123,66 @@ def test_abandoned_temporary_folders_are_removed(tiny_data_config) -> None:
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     _prepare(tiny_data_config)
     assert not old.exists() and recent.exists()
+
+
+def _cut(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+# the damaged file of case 1's entry, how it was damaged
+DAMAGE = [
+    ("image.npy", _cut),
+    ("label.npy", lambda path: _cut(path, 0.9)),
+    ("image.npy", lambda path: path.write_bytes(b"not an array at all")),
+    ("label.npy", lambda path: np.save(path, np.zeros((2, 3, 4), np.uint8))),
+    ("foreground.npz", _cut),
+    ("info.json", _cut),
+    ("complete.json", _cut),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"), DAMAGE, ids=[f"{n}-{i}" for i, (n, _) in enumerate(DAMAGE)]
+)
+def test_a_damaged_cache_file_is_rebuilt_with_one_warning(
+    tiny_data_config, monkeypatch, caplog, name, damage
+) -> None:
+    _, first = _prepare(tiny_data_config)
+    expected = first[1].load_image(mmap=False), first[1].load_label(mmap=False)
+    damaged = first[1].image_path.parent / name
+    damage(damaged)
+    calls = _count_preprocessing(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="segnet"):
+        _, second = _prepare(tiny_data_config)
+    assert calls == [first[1].case_id]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and str(damaged) in warnings[0], warnings
+    np.testing.assert_array_equal(second[1].load_image(), expected[0])
+    np.testing.assert_array_equal(second[1].load_label(), expected[1])
+    assert second[1].load_foreground().keys() == first[1].load_foreground().keys()
+    assert read_info(second[1]).shape == second[1].shape
+    assert not list(damaged.parent.parent.glob(".tmp-*")), "the damaged copy was left behind"
+
+
+def test_a_damaged_entry_that_cannot_be_removed_is_a_user_error(
+    tiny_data_config, monkeypatch
+) -> None:
+    _, first = _prepare(tiny_data_config)
+    damaged = first[1].image_path
+    _cut(damaged)
+    real_rename = Path.rename
+
+    def refuse(self: Path, target):
+        if self == damaged.parent:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", refuse)
+    with pytest.raises(UserError) as info:
+        _prepare(tiny_data_config)
+    message = str(info.value)
+    assert str(damaged) in message and f"delete {damaged.parent}" in message
 
 
 def test_fingerprint_change_invalidates_only_when_it_matters(tiny_data_config) -> None:

@@ -114,6 +114,13 @@ def _unknown_fold_id(root: Path) -> dict[str, Any]:
     return {"split": {"folds_file": "folds.json"}}
 
 
+def _case_in_two_folds(root: Path) -> dict[str, Any]:
+    folds = json.loads((root / "folds.json").read_text())
+    folds["folds"]["2"].append(folds["folds"]["0"][0])  # held out by fold 0, trained on there
+    (root / "folds.json").write_text(json.dumps(folds))
+    return {"split": {"folds_file": "folds.json", "fold": 1}}
+
+
 # name, change to the dataset (may return extra data settings), message expected in the error
 DEFECTS = [
     ("missing_root", lambda root: shutil.rmtree(root), "data.synthetic: true"),
@@ -127,6 +134,11 @@ DEFECTS = [
         "label without image files",
     ),
     ("fold_id_not_in_dataset", _unknown_fold_id, "case_999"),
+    (
+        "case_in_two_folds",
+        _case_in_two_folds,
+        r"folds\.json: 1 case ids are in more than one fold: case_\d+ \(folds 0, 2\)",
+    ),
     (
         "fold_not_in_file",
         lambda root: {"split": {"folds_file": "folds.json", "fold": 7}},

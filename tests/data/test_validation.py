@@ -15,7 +15,7 @@ import pytest
 
 from segnet.config import DataConfig, build_config
 from segnet.data.datasets import CaseFiles, describe_dataset
-from segnet.data.validation import check_cases, validate_cases
+from segnet.data.validation import EVALUATE_FIXES, check_cases, validate_cases
 from segnet.data.volumes import make_geometry, read_geometry, write_volume
 from segnet.errors import DataError
 
@@ -222,7 +222,7 @@ def test_three_defects_are_reported_together(tmp_path: Path) -> None:
 def test_skip_bad_cases_drops_them_with_a_report(tmp_path: Path, caplog) -> None:
     cases = three_bad_two_good(tmp_path)
     with caplog.at_level(logging.WARNING, logger="segnet"):
-        kept = check_cases(cases, config(skip_bad_cases=True))
+        kept = check_cases(cases, config(skip_bad_cases=True)).cases
     assert [c.case_id for c in kept] == ["good_a", "good_b"]
     assert "Skipping 3 of 5 cases" in caplog.text and "bad_grid" in caplog.text
 
@@ -230,6 +230,67 @@ def test_skip_bad_cases_drops_them_with_a_report(tmp_path: Path, caplog) -> None
 def test_skipping_every_case_still_fails(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="No usable case"):
         check_cases([_truncate(make_case(tmp_path, "only"))], config(skip_bad_cases=True))
+
+
+def test_evaluation_phrases_the_fixes_evaluate_accepts(tmp_path: Path) -> None:
+    cases = [make_case(tmp_path, "big", label=_label({(1, 2, 3): 3}, np.uint8))]
+    with pytest.raises(DataError) as info:
+        check_cases(cases, config(), EVALUATE_FIXES)
+    message = str(info.value)
+    assert "the model predicts classes 0..2" in message and "data.num_classes" not in message
+    assert "--set data.skip_bad_cases=true" in message
+    with pytest.raises(DataError, match="the model takes 2 channels"):
+        check_cases([make_case(tmp_path, "one")], config(num_channels=2), EVALUATE_FIXES)
+
+
+def _warnings(cases: list[CaseFiles], training: list[str] | None = None, **data: Any) -> list[str]:
+    settings = config(**data)
+    checked = check_cases(cases, settings)
+    ids = [c.case_id for c in cases] if training is None else training
+    return checked.warnings(ids, settings.num_classes)
+
+
+def test_clean_data_gives_no_warning(tmp_path: Path) -> None:
+    assert _warnings([make_case(tmp_path, "a"), make_case(tmp_path, "b")]) == []
+
+
+def test_classes_no_training_label_holds_are_one_warning(tmp_path: Path) -> None:
+    cases = [make_case(tmp_path, "a"), make_case(tmp_path, "b")]  # labels 0..2
+    warnings = _warnings(cases, num_classes=6)
+    assert len(warnings) == 1
+    assert "[3, 4, 5] never occur" in warnings[0] and "data.num_classes" in warnings[0]
+    held_out = make_case(tmp_path, "val", label=_label({(1, 2, 3): 3}, np.uint8))
+    only_held_out = _warnings([*cases, held_out], training=["a", "b"], num_classes=4)
+    assert len(only_held_out) == 1 and "[3] never occur" in only_held_out[0]
+
+
+def test_all_background_labels_are_one_compact_warning(tmp_path: Path) -> None:
+    empty = np.zeros(SHAPE, np.uint8)
+    cases = [make_case(tmp_path, f"bg_{i:02d}", label=empty) for i in range(14)]
+    cases.append(make_case(tmp_path, "fg"))
+    warnings = _warnings(cases)
+    assert len(warnings) == 1, warnings
+    assert "14 of the 15 cases" in warnings[0] and "all-background" in warnings[0]
+    assert "bg_00, bg_01" in warnings[0] and "and 4 more" in warnings[0]
+    assert "bg_13" not in warnings[0] and "fg" not in warnings[0]
+
+
+def test_an_all_zero_image_with_foreground_is_warned_about(tmp_path: Path) -> None:
+    blank = np.zeros(SHAPE, np.float32)
+    one_channel = [
+        make_case(tmp_path, "blank", image=blank),
+        make_case(tmp_path, "blank_bg", image=blank, label=np.zeros(SHAPE, np.uint8)),
+        make_case(tmp_path, "ok"),
+    ]
+    two_channels = [
+        make_case(tmp_path, "both_blank", image=blank, extra=blank),
+        make_case(tmp_path, "one_blank", extra=blank),  # its first channel is not blank
+    ]
+    warnings = _warnings(one_channel) + _warnings(two_channels, num_channels=2)
+    blank_warnings = [w for w in warnings if "all-zero image" in w]
+    assert len(blank_warnings) == 2, warnings
+    assert "in 1 case;" in blank_warnings[0] and blank_warnings[0].endswith(": blank")
+    assert blank_warnings[1].endswith(": both_blank")
 
 
 @pytest.mark.shared_data

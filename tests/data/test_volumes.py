@@ -198,6 +198,38 @@ def test_unreadable_files_name_the_file_and_reason(tmp_path: Path, name, content
     assert name in str(info.value)
 
 
+def _structured(*fields: str) -> np.ndarray:
+    return np.zeros(SHAPE, np.dtype([(f, "u1") for f in fields]))
+
+
+# name, voxels nibabel writes as they are, text the message must hold (what it is, the fix)
+VOXEL_TYPES = [
+    ("rgb24", _structured("R", "G", "B"), ("RGB voxels", "single-channel scalar volume")),
+    ("rgba32", _structured("R", "G", "B", "A"), ("RGBA voxels", "one file per channel")),
+    ("complex64", np.ones(SHAPE, np.complex64), ("complex-valued", "magnitude (abs)")),
+    ("complex128", np.ones(SHAPE, np.complex128), ("complex-valued", "magnitude (abs)")),
+]
+READERS = [
+    read_volume,
+    read_multichannel,
+    lambda path: read_channels([path]),
+    read_geometry,
+]
+
+
+@pytest.mark.filterwarnings("error")  # complex voxels once gave a raw numpy ComplexWarning
+@pytest.mark.parametrize(("name", "voxels", "expect"), VOXEL_TYPES, ids=[v[0] for v in VOXEL_TYPES])
+@pytest.mark.parametrize("read", READERS, ids=["volume", "multichannel", "channels", "geometry"])
+def test_non_scalar_voxels_are_a_data_error(tmp_path: Path, name, voxels, expect, read) -> None:
+    path = tmp_path / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(voxels, np.eye(4)), path)
+    with pytest.raises(DataError) as info:
+        read(path)
+    assert str(path) in str(info.value)
+    for text in expect:
+        assert text in str(info.value)
+
+
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, monkeypatch) -> None:
     geometry = make_geometry(np.eye(4), SHAPE)
     path = write_volume(tmp_path / "x.nii.gz", np.ones(SHAPE, np.float32), geometry)

@@ -264,6 +264,42 @@ def test_unusable_held_out_case_is_named_or_skipped(
     assert "case_3" not in skipped["per_case"] and skipped["num_cases"] == len(SHAPES) - 1
 
 
+def _label_beyond_the_classes(dataset: Path, copy: Path) -> Path:
+    broken = Path(shutil.copytree(dataset, copy))
+    label = broken / "labelsTr" / "case_4.nii.gz"
+    geometry = make_geometry(nib.load(str(label)).affine, SHAPES[4])
+    write_volume(label, np.full(SHAPES[4], 3, np.uint8), geometry)  # label 3 of 3 classes
+    return broken
+
+
+def test_bad_data_hints_are_ones_evaluate_accepts(
+    run: Path, dataset: Path, tmp_path: Path, oracle, capsys: pytest.CaptureFixture
+):
+    broken = _label_beyond_the_classes(dataset, tmp_path / "broken")
+    status = evaluate_main(["--run", str(run), "--data", str(broken), "--quiet"])
+    error = capsys.readouterr().err
+    assert status == 2 and "case_4.nii.gz: label values [3] outside 0..2" in error
+    assert "the model predicts classes 0..2" in error and "--set data.skip_bad_cases=true" in error
+    assert "data.num_classes is" not in error and "data.skip_bad_cases: true" not in error
+    config = tmp_path / "broken.yaml"
+    data = {"root": str(broken), "num_classes": NUM_CLASSES, "num_channels": 2}
+    config.write_text(yaml.safe_dump({"data": {**data, "split": {"val": HELD_OUT}}}))
+    for where in (str(broken), str(config)):  # the hint works with a folder and with a YAML
+        args = ["--run", str(run), "--data", where, "--quiet"]
+        assert evaluate_main([*args, "--set", "data.skip_bad_cases=true"]) == 0, where
+
+
+def test_a_yaml_made_for_another_model_names_the_setting_to_change(
+    run: Path, dataset: Path, tmp_path: Path
+):
+    config = tmp_path / "other.yaml"
+    config.write_text(yaml.safe_dump({"data": {"root": str(dataset), "num_channels": 1}}))
+    with pytest.raises(ConfigError) as info:
+        evaluate_run(run, "best", data=str(config), quiet=True)
+    assert "set data.num_channels: 2 in other.yaml" in str(info.value)
+    assert "set data.num_classes: 3 in other.yaml" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("remove", "checkpoint", "message"),
     [

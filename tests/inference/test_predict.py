@@ -278,6 +278,19 @@ def test_unreadable_inputs_are_skipped_and_the_cli_exits_2(
     assert "lonely" in errors and "missing ['lonely_0001']" in errors
 
 
+def test_an_rgb_scan_is_skipped_and_the_good_scan_beside_it_is_written(
+    run_dir: Path, tmp_path: Path
+):
+    good = write_two_channel_case(tmp_path / "in", "good")
+    rgb = np.zeros(SHAPE, np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))
+    photo = tmp_path / "in" / "photo.nii.gz"  # a whole case in one file
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), photo)
+    failures = predict_files(run_dir, [tmp_path / "in"], tmp_path / "out", quiet=True)
+    assert len(failures) == 1 and str(photo) in failures[0] and "RGB" in failures[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.nii.gz"]
+    assert_same_grid(tmp_path / "out" / "good.nii.gz", good)
+
+
 @pytest.mark.parametrize("checkpoint", ["best", "latest", "export/model.keras", "checkpoints"])
 def test_every_checkpoint_spec_predicts(run_dir: Path, tmp_path: Path, checkpoint: str):
     write_two_channel_case(tmp_path / "in", "case")

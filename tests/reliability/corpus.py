@@ -416,6 +416,30 @@ def _evaluate_on_truncated_labels(ws: Workspace) -> list[str]:
     return evaluate("--data", "{root}", "--checkpoint", "latest")(ws)
 
 
+def _evaluate_on_labels_beyond_the_classes(ws: Workspace) -> list[str]:
+    rewrite(LABEL, lambda a: np.where(a == 1, 3, a).astype(np.uint8))(ws.root)
+    return evaluate("--data", "{root}", "--checkpoint", "latest")(ws)
+
+
+def _rgb(array: np.ndarray) -> np.ndarray:
+    """The volume as NIfTI's RGB24 voxels (a grey colour photo of it)."""
+    grey = np.clip(array, 0, 255).astype(np.uint8)
+    rgb = np.empty(grey.shape, np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))
+    for channel in "RGB":
+        rgb[channel] = grey
+    return rgb
+
+
+def _rgb_beside_a_good_scan(ws: Workspace) -> Path:
+    good = _scan(ws)
+    source = nib.load(good)
+    nib.save(
+        nib.Nifti1Image(_rgb(np.asanyarray(source.dataobj)), source.affine),
+        good.parent / "photo.nii.gz",
+    )
+    return good.parent
+
+
 _LIST_CASES = {"format": "list", "split": {"folds_file": None, "val": ["case_001"]}}
 _CASE = {"id": "case_000", "images": [IMAGE], "label": LABEL}
 _UNKNOWN_EVERYWHERE = {name: {"bogus": 1} for name in SECTIONS}
@@ -511,6 +535,9 @@ DATASET = [
     BadInput("dataset-json-label-count", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("labels", "3"), "extra"))), ("{root}/dataset.json: defines 4 labels", "data.num_classes is 3")),
     BadInput("folds-json-malformed", "dataset", dataset(replace_bytes("folds.json", b'{"fold": []}')), ('{root}/folds.json: expected {{"folds": {{"0": [case ids], ...}}}}',)),
     BadInput("folds-json-unknown-ids", "dataset", dataset(edit_json("folds.json", lambda d: _set_item(d, ("folds", "1", 0), "case_999"))), ("{root}/folds.json: 1 case ids not in the dataset: ['case_999']",)),
+    BadInput("image-rgb", "dataset", dataset(rewrite(IMAGE, _rgb)), ("{root}/" + IMAGE, "holds RGB voxels", "single-channel scalar volume")),
+    BadInput("image-complex", "dataset", dataset(rewrite(IMAGE, lambda a: a.astype(np.complex64))), ("{root}/" + IMAGE, "complex-valued voxels", "magnitude (abs)")),
+    BadInput("folds-json-case-in-two-folds", "dataset", dataset(edit_json("folds.json", lambda d: _set_item(d, ("folds", "1"), [*d["folds"]["1"], d["folds"]["0"][0]]))), ("{root}/folds.json: 1 case ids are in more than one fold", "(folds 0, 1)")),
     BadInput("volume-smaller-than-patch", "dataset", dataset(lambda r: None, data={"patch_size": [32, 32, 32], "pad_small_volumes": False}), ("shape (17, 18, 19) is smaller than data.patch_size (32, 32, 32)",)),
 ]
 
@@ -543,6 +570,8 @@ INFERENCE = [
     BadInput("predict-input-2d", "inference", predict(lambda ws: _scan(ws, np.zeros((17, 18), np.float32))), ("{tmp}/inputs/scan.nii.gz", "expected a 3D volume"), program="predict", existing_run=True),
     BadInput("predict-input-nan", "inference", predict(_nan_scan), ("scan.nii.gz: 1 voxels are NaN or infinite",), program="predict", existing_run=True),
     BadInput("predict-output-would-replace-an-input", "inference", predict(_scan_pair_in_output), ("--output {out}", "{out}/scan.nii.gz is an input scan"), program="predict", existing_run=True, subprocess=True),
+    BadInput("predict-rgb-beside-a-good-scan", "inference", predict(_rgb_beside_a_good_scan, lambda ws: ws.tmp / "predictions"), ("skipped case 'photo'", "{tmp}/inputs/photo.nii.gz: holds RGB voxels"), program="predict", existing_run=True),
+    BadInput("evaluate-data-label-beyond-classes", "inference", _evaluate_on_labels_beyond_the_classes, ("{root}/" + LABEL, "label values [3] outside 0..2", "the model predicts classes 0..2", "--set data.skip_bad_cases=true"), program="evaluate", existing_run=True),
     BadInput("predict-output-is-a-file", "inference", predict(_scan, lambda ws: _file_at(ws.tmp / "out-file")), ("--output {tmp}/out-file: is a file, not a folder",), program="predict", existing_run=True),
     BadInput("predict-output-under-a-file", "inference", predict(_scan, lambda ws: _file_at(ws.tmp / "out-file") / "out"), ("--output {tmp}/out-file/out: cannot create the folder",), program="predict", existing_run=True),
 ]

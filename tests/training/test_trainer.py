@@ -9,11 +9,13 @@ import csv
 import errno
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import keras
+import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -189,6 +191,30 @@ def test_2d_segnet_trains_on_slices_and_validates_whole_volumes(
     result = train(config, run_dir=tmp_path / "run", quiet=True)
     assert result.step == 2 and 0.0 <= result.best_score <= 1.0
     assert (tmp_path / "run" / "export" / "saved_model").is_dir()
+
+
+def _zeroed(path: Path) -> None:
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, image.get_data_dtype()), image.affine), path)
+
+
+def test_data_warnings_are_written_into_train_log_once(tiny_root: Path, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(tiny_root, tmp_path / "data"))
+    (root / "dataset.json").unlink()  # its 3 labels would refuse num_classes 4 outright
+    _zeroed(root / "labelsTr" / "case_000.nii.gz")  # case_002 is held out by fold 0
+    _zeroed(root / "imagesTr" / "case_001_0000.nii.gz")
+    config = tiny_config(root, tmp_path, "data.num_classes=4", "train.epochs=1")
+    train(config, run_dir=tmp_path / "run", quiet=True)
+    log = (tmp_path / "run" / "train.log").read_text()
+    for text, case in (("[3] never occur", ""), ("all-background", "case_000"), ("all-zero", "")):
+        lines = [line for line in log.splitlines() if text in line]
+        assert len(lines) == 1 and "WARNING" in lines[0] and case in lines[0], (text, log)
+    assert "data.num_classes" in log and "all-zero image" in log and ": case_001" in log
+
+
+def test_clean_data_logs_no_data_warning(reference_run: TrainResult) -> None:
+    log = (reference_run.run_dir / "train.log").read_text()
+    assert "WARNING" not in log, log
 
 
 # --- Failures -----------------------------------------------------------------------------
