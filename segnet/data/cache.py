@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from segnet.config import ExperimentConfig
+from segnet.console import progress_bar
 from segnet.data.case import PreprocessedCase
 from segnet.data.datasets import CaseFiles
 from segnet.data.preprocessing import (
@@ -308,7 +308,11 @@ def prepare_cases(
         _remove_abandoned(root)
     else:
         root = _temporary_root()
-    bar = tqdm(total=len(case_files), desc="Preprocessing", unit="case", disable=None, leave=False)
+    # No quiet flag reaches here: --quiet shows up as the log at warnings only.
+    quiet = not log.isEnabledFor(logging.INFO)
+    bar = progress_bar(
+        total=len(case_files), desc="Preprocessing", unit="case", leave=False, quiet=quiet
+    )
     with bar, ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         futures = [
             pool.submit(_prepare_one, root, case, config, fingerprint) for case in case_files
