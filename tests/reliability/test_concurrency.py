@@ -8,6 +8,8 @@ import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlo
 
 # isort: split
 import csv
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -34,10 +36,15 @@ def test_a_second_training_on_a_busy_run_directory_is_refused(tmp_path: Path, da
     first_out, second_out = tmp_path / "first.txt", tmp_path / "second.txt"
     first = start(args, first_out)
     log = run_dir / "train.log"
-    # The first has taken the run directory once its log exists; the second starts mid-run.
+    # The first holds the run once it has saved a checkpoint. It is paused there (SIGSTOP keeps
+    # its lock), so the second meets it mid-run however slowly the second starts.
     assert wait_until(first, lambda: bool(saved_steps(read_text(log))), 0.01), tail(first_out)
-    second = start(args, second_out)
-    assert finish(second) == 2, tail(second_out)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = start(args, second_out)
+        assert finish(second) == 2, tail(second_out)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     refusal = read_text(second_out)
     assert "Traceback" not in refusal
     assert f"--run-dir {run_dir}" in refusal and f"pid {first.pid}" in refusal, refusal

@@ -93,7 +93,7 @@ def test_an_auto_run_trains_in_the_chosen_precision_and_stores_auto(
     compute_dtypes = {layer.compute_dtype for layer in result.model.layers}
     assert "bfloat16" in compute_dtypes
     assert all(w.dtype == "float32" for w in result.model.weights)  # mixed: weights stay f32
-    assert "precision mixed_bfloat16 (auto: test CPU" in caplog.text
+    assert "precision: mixed_bfloat16, auto: test CPU" in caplog.text
     stored = stored_config(tmp_path / "run")
     assert stored is not None and stored.runtime.precision == "auto"
 
