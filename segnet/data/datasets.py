@@ -127,7 +127,7 @@ def describe_dataset(data: DataConfig, subset: Subset = "train") -> list[CaseFil
     if not cases and not problems:
         problems.append(f"{root}: no {subset} cases found (format '{fmt}')")
     if problems:
-        raise DataError(problems, hint=_format_hint(root, data.format, fmt))
+        raise DataError(problems, hint=_format_hint(root, data.format, fmt, bool(cases)))
     return sorted(cases, key=lambda c: c.case_id)
 
 
@@ -148,16 +148,19 @@ def _detect_format(root: Path, problems: list[str]) -> str | None:
     return None
 
 
-def _format_hint(root: Path, asked: str, fmt: str | None) -> str:
-    """Where the problems are and, when the layout was guessed, how it was and how to choose."""
+def _format_hint(root: Path, asked: str, fmt: str | None, read_some: bool) -> str:
+    """Where the problems are and, when the layout was guessed, how to choose it; the layouts
+    tried too when the guess read nothing (the guess may be what went wrong)."""
+    choose = "set data.format: msd | nnunetv2 | folders | list to choose"
     if asked != "auto":
         return f"(dataset {root}, data.format: {asked})"
-    found = f"detected as '{fmt}'" if fmt else "no layout detected"
+    if fmt is not None and read_some:
+        return f"(dataset {root}, read as '{fmt}' by data.format: auto; {choose} another)"
+    outcome = f"chose '{fmt}' from" if fmt else "recognised none of"
     return (
-        f"(dataset {root}, {found} by data.format: auto, which tries msd (dataset.json with "
-        "'training'), nnunetv2 (dataset.json with 'channel_names'/'file_ending') and folders "
-        "(imagesTr/ and labelsTr/, no dataset.json); choose one with data.format: msd | "
-        "nnunetv2 | folders | list)"
+        f"(dataset {root}: data.format: auto {outcome} msd (dataset.json with 'training'), "
+        "nnunetv2 (dataset.json with 'channel_names' or 'file_ending') and folders (imagesTr/ "
+        f"and labelsTr/, no dataset.json); {choose} one)"
     )
 
 
@@ -613,8 +616,8 @@ def _nnunet_fold_problems(
         )
     if problems:
         problems[-1] += (
-            f"; these splits are for another dataset: regenerate {path.name}, or split "
-            "otherwise with data.split.folds_file, or data.split.train/val"
+            f"; {path.name} does not fit this dataset: regenerate it, or choose the split with "
+            "data.split.folds_file or data.split.train/val"
         )
     return problems
 
