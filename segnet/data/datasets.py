@@ -21,6 +21,7 @@ found while describing or splitting is collected and raised together in one Data
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections import Counter
@@ -34,6 +35,7 @@ import numpy as np
 from segnet.config import DataConfig, SplitConfig
 from segnet.errors import DataError
 
+log = logging.getLogger("segnet")
 Subset = Literal["train", "test"]
 _NIFTI = re.compile(r"^(?P<stem>.+?)(?:\.nii\.gz|\.nii)$")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -555,7 +557,11 @@ def _folds_path(data: DataConfig) -> Path | None:
     """``data.split.folds_file``, else nnU-Net's ``splits_final.json`` when the root has one."""
     if not data.split.folds_file:
         path = dataset_root(data) / SPLITS_FINAL
-        return path if path.is_file() else None
+        if not path.is_file():
+            return None
+        # Said aloud: the file, not the seeded shuffle, now decides what is held out.
+        log.info("split: fold %d of %s (data.split.folds_file is unset)", data.split.fold, path)
+        return path
     path = Path(data.split.folds_file).expanduser()
     return path if path.is_absolute() else dataset_root(data) / path  # root or an alternative
 
