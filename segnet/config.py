@@ -57,7 +57,7 @@ class CaseEntry:
 class SplitConfig:
     """Which cases train and which are held out for validation/evaluation."""
 
-    folds_file: str | None = None  # JSON {"folds": {"0": [ids...], ...}}; relative to data.root
+    folds_file: str | None = None  # {"folds": {"0": [ids]}} or splits_final.json; in data.root
     fold: int = 0  # the held-out fold; the others train
     num_folds: int = 5  # folds made by a seeded shuffle when there is no folds_file
     seed: int = 0  # seed of that shuffle
@@ -86,7 +86,7 @@ class DataConfig:
 
     root: str = "data/synthetic"  # dataset directory (relative paths resolve from the cwd)
     root_alternatives: tuple[str, ...] = ()  # tried in order when root does not exist
-    format: Literal["auto", "msd", "folders", "list"] = "auto"  # auto: dataset.json, else folders
+    format: Literal["auto", "msd", "nnunetv2", "folders", "list"] = "auto"  # auto: detected
     cases: tuple[CaseEntry, ...] = ()  # the explicit case list for format: list
     synthetic: bool = False  # generate the synthetic phantom dataset into root when missing
     num_classes: int = 4  # label values 0..num_classes-1, background included

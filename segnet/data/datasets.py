@@ -1,21 +1,28 @@
 """Describe a dataset as a list of :class:`CaseFiles`, and split it into training and held out.
 
-Three ways to describe one (``data.format``):
+Four ways to describe one (``data.format``):
 
 * ``msd``: a Medical Segmentation Decathlon ``dataset.json``; its ``training`` entries are the
   labelled cases. An entry's image is either one file (3D, or 4D with channels last) or, in the
   nnU-Net v1 convention, per-channel files ``<name>_0000.nii.gz``, ``<name>_0001.nii.gz``, ...
+* ``nnunetv2``: nnU-Net v2's ``dataset.json`` (``channel_names``, ``labels`` as name -> value,
+  ``file_ending``) beside the ``folders`` layout, which holds the cases (or its ``dataset``
+  mapping, when present). Region labels and an ``ignore`` label are refused.
 * ``folders``: ``imagesTr/<case>_0000.nii.gz`` (one file per channel) with
   ``labelsTr/<case>.nii.gz``; ``imagesTs/`` holds unlabelled cases.
 * ``list``: the explicit ``data.cases`` list.
 
-``auto`` takes ``dataset.json`` when there is one, else the folders. Every problem found while
-describing or splitting is collected and raised together in one DataError.
+``auto`` reads ``dataset.json``: with ``training`` it is MSD's, with ``channel_names`` or
+``file_ending`` nnU-Net v2's; without a ``dataset.json`` the folders. The split may come from
+nnU-Net's ``splits_final.json``, which is used when it lies in the dataset root. Every problem
+found while describing or splitting is collected and raised together in one DataError.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -28,9 +35,11 @@ import numpy as np
 from segnet.config import DataConfig, SplitConfig
 from segnet.errors import DataError
 
+log = logging.getLogger("segnet")
 Subset = Literal["train", "test"]
 _NIFTI = re.compile(r"^(?P<stem>.+?)(?:\.nii\.gz|\.nii)$")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+SPLITS_FINAL = "splits_final.json"  # nnU-Net's folds; used when data.split.folds_file is unset
 
 
 @dataclass(frozen=True)
@@ -105,22 +114,56 @@ def describe_dataset(data: DataConfig, subset: Subset = "train") -> list[CaseFil
         DataError: listing every problem (missing root or files, duplicate ids, ...).
     """
     root = dataset_root(data)
-    fmt = data.format
-    if fmt == "auto":
-        fmt = "msd" if (root / "dataset.json").is_file() else "folders"
     problems: list[str] = []
+    fmt = _detect_format(root, problems) if data.format == "auto" else data.format
+    cases = []
     if fmt == "msd":
         cases = _msd_cases(root, data, subset, problems)
+    elif fmt == "nnunetv2":
+        cases = _nnunet_cases(root, data, subset, problems)
     elif fmt == "folders":
         cases = _folder_cases(root, data, subset, problems)
-    else:
+    elif fmt == "list":
         cases = _list_cases(root, data, problems)
     problems += _duplicate_problems(cases)
     if not cases and not problems:
         problems.append(f"{root}: no {subset} cases found (format '{fmt}')")
     if problems:
-        raise DataError(problems, hint=f"(dataset {root}, format '{fmt}')")
+        raise DataError(problems, hint=_format_hint(root, data.format, fmt, bool(cases)))
     return sorted(cases, key=lambda c: c.case_id)
+
+
+def _detect_format(root: Path, problems: list[str]) -> str | None:
+    """The layout of ``root`` for ``data.format: auto``; None (with a problem) if unknown."""
+    if not (root / "dataset.json").is_file():
+        return "folders"
+    info = _read_dataset_json(root, "auto", problems)
+    if "training" in info:
+        return "msd"
+    if "channel_names" in info or "file_ending" in info:
+        return "nnunetv2"
+    if info:
+        problems.append(
+            f"{root / 'dataset.json'}: neither MSD's (no 'training' list) nor nnU-Net v2's "
+            "(no 'channel_names' or 'file_ending')"
+        )
+    return None
+
+
+def _format_hint(root: Path, asked: str, fmt: str | None, read_some: bool) -> str:
+    """Where the problems are and, when the layout was guessed, how to choose it; the layouts
+    tried too when the guess read nothing (the guess may be what went wrong)."""
+    choose = "set data.format: msd | nnunetv2 | folders | list to choose"
+    if asked != "auto":
+        return f"(dataset {root}, data.format: {asked})"
+    if fmt is not None and read_some:
+        return f"(dataset {root}, read as '{fmt}' by data.format: auto; {choose} another)"
+    outcome = f"chose '{fmt}' from" if fmt else "recognised none of"
+    return (
+        f"(dataset {root}: data.format: auto {outcome} msd (dataset.json with 'training'), "
+        "nnunetv2 (dataset.json with 'channel_names' or 'file_ending') and folders (imagesTr/ "
+        f"and labelsTr/, no dataset.json); {choose} one)"
+    )
 
 
 def _duplicate_problems(cases: Sequence[CaseFiles]) -> list[str]:
@@ -165,13 +208,13 @@ def _resolve_images(
     return None
 
 
-def _read_dataset_json(root: Path, problems: list[str]) -> dict[str, Any]:
+def _read_dataset_json(root: Path, fmt: str, problems: list[str]) -> dict[str, Any]:
     path = root / "dataset.json"
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         problems.append(
-            f"{path}: not found (data.format is 'msd'); use format 'folders' for "
+            f"{path}: not found (data.format is '{fmt}'); use format 'folders' for "
             "imagesTr/labelsTr without a dataset.json"
         )
         return {}
@@ -179,7 +222,7 @@ def _read_dataset_json(root: Path, problems: list[str]) -> dict[str, Any]:
         problems.append(f"{path}: not valid JSON ({exc})")
         return {}
     if not isinstance(info, dict):
-        problems.append(f"{path}: expected a JSON object with a 'training' list")
+        problems.append(f"{path}: expected a JSON object (MSD's or nnU-Net v2's dataset.json)")
         return {}
     return info
 
@@ -187,8 +230,14 @@ def _read_dataset_json(root: Path, problems: list[str]) -> dict[str, Any]:
 def _msd_cases(
     root: Path, data: DataConfig, subset: Subset, problems: list[str]
 ) -> list[CaseFiles]:
-    info = _read_dataset_json(root, problems)
-    problems += _msd_header_problems(info, data, root / "dataset.json")
+    info = _read_dataset_json(root, "msd", problems)
+    problems += _channel_count_problems(info, data, root / "dataset.json")
+    problems += _label_count_problems(info, data, root / "dataset.json")
+    if info and subset == "train" and "training" not in info:
+        problems.append(
+            f"{root / 'dataset.json'}: has no 'training' list (data.format is 'msd')"
+            + ("; it is nnU-Net v2's: set data.format: nnunetv2" if "channel_names" in info else "")
+        )
     entries = info.get("training" if subset == "train" else "test", [])
     if not isinstance(entries, list):
         problems.append(f"{root / 'dataset.json'}: '{subset}' must be a list")
@@ -229,23 +278,149 @@ def _msd_case(
     return CaseFiles(stem, images, label)
 
 
-def _msd_header_problems(info: dict[str, Any], data: DataConfig, path: Path) -> list[str]:
-    """dataset.json's modality and label counts against data.num_channels / num_classes."""
-    problems = []
-    modalities = info.get("modality") or info.get("channel_names")
-    if isinstance(modalities, dict) and len(modalities) != data.num_channels:
-        problems.append(
-            f"{path}: lists {len(modalities)} modalities but data.num_channels is "
-            f"{data.num_channels}; set data.num_channels: {len(modalities)}"
-        )
+def _channel_count_problems(info: dict[str, Any], data: DataConfig, path: Path) -> list[str]:
+    """dataset.json's ``modality`` (MSD) or ``channel_names`` (nnU-Net) against num_channels."""
+    key = "modality" if "modality" in info else "channel_names"
+    channels = info.get(key)
+    if not isinstance(channels, dict) or len(channels) == data.num_channels:
+        return []
+    return [
+        f"{path}: '{key}' lists {len(channels)} channels but data.num_channels is "
+        f"{data.num_channels}; set data.num_channels: {len(channels)}"
+    ]
+
+
+def _label_count_problems(info: dict[str, Any], data: DataConfig, path: Path) -> list[str]:
+    """dataset.json's ``labels`` against data.num_classes."""
     labels = info.get("labels")
-    if isinstance(labels, dict) and len(labels) != data.num_classes:
+    if not isinstance(labels, dict) or len(labels) == data.num_classes:
+        return []
+    return [
+        f"{path}: defines {len(labels)} labels in 'labels' (background included) but "
+        f"data.num_classes is {data.num_classes}; set data.num_classes: {len(labels)}"
+    ]
+
+
+# nnU-Net v2 ------------------------------------------------------------------------------------
+_NNUNET_KEYS = {"channel_names": dict, "labels": dict, "file_ending": str}
+
+
+def _nnunet_cases(
+    root: Path, data: DataConfig, subset: Subset, problems: list[str]
+) -> list[CaseFiles]:
+    """nnU-Net v2: dataset.json describes the data; the files (or its ``dataset``) the cases."""
+    info = _read_dataset_json(root, "nnunetv2", problems)
+    if not info:
+        return []
+    path = root / "dataset.json"
+    not_nifti = _file_ending_problems(info, path)
+    problems += not_nifti + _nnunet_header_problems(info, data, path)
+    if not_nifti:
+        return []  # listing files segnet cannot read would only add noise
+    found: list[str] = []
+    if subset == "train" and "dataset" in info:
+        cases = _nnunet_listed_cases(root, info["dataset"], data, found)
+    else:
+        cases = _folder_cases(root, data, subset, found)
+    problems += found
+    expected = info.get("numTraining")
+    if subset == "train" and not found and isinstance(expected, int) and expected != len(cases):
         problems.append(
-            f"{path}: defines {len(labels)} labels (background included) but "
-            f"data.num_classes is {data.num_classes}; set data.num_classes: "
-            f"{len(labels)}"
+            f"{path}: 'numTraining' is {expected} but {len(cases)} labelled cases were found; "
+            "add the missing cases or correct 'numTraining'"
         )
-    return problems
+    return cases
+
+
+def _file_ending_problems(info: dict[str, Any], path: Path) -> list[str]:
+    ending = info.get("file_ending")
+    if not isinstance(ending, str) or ending in (".nii.gz", ".nii"):
+        return []
+    return [
+        f"{path}: 'file_ending' is {ending!r}, but segnet reads NIfTI only; convert the "
+        "images and labels to .nii.gz and set 'file_ending': '.nii.gz'"
+    ]
+
+
+def _nnunet_header_problems(info: dict[str, Any], data: DataConfig, path: Path) -> list[str]:
+    """Missing keys, labels segnet cannot train, counts that disagree with the config."""
+    problems = []
+    for key, kind in _NNUNET_KEYS.items():
+        if key not in info:
+            problems.append(f"{path}: '{key}' is missing (nnU-Net v2's dataset.json needs it)")
+        elif not isinstance(info[key], kind):
+            kind_name = "object" if kind is dict else "string"
+            problems.append(f"{path}: '{key}' must be a JSON {kind_name}")
+    problems += _channel_count_problems(info, data, path)
+    label_problems = _nnunet_label_problems(info, path)
+    return problems + (label_problems or _label_count_problems(info, data, path))
+
+
+def _nnunet_label_problems(info: dict[str, Any], path: Path) -> list[str]:
+    """Region-based and ignore labels, which segnet cannot train, and values not 0..n-1."""
+    labels = info.get("labels")
+    if not isinstance(labels, dict):
+        return []
+    # nnU-Net treats a one-value list as that value; longer lists are regions.
+    values = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in labels.items()}
+    regions = [name for name, v in values.items() if isinstance(v, list)]
+    if regions or "regions_class_order" in info:
+        return [_region_problem(path, labels, regions)]
+    if "ignore" in labels:
+        return [
+            f"{path}: 'labels' has an 'ignore' label (value {labels['ignore']}), but segnet "
+            "has no ignore label: its losses train on every voxel. Annotate or relabel those "
+            "voxels in labelsTr/, then remove 'ignore' from 'labels'"
+        ]
+    numbers = sorted(v for v in values.values() if isinstance(v, int) and not isinstance(v, bool))
+    if len(numbers) < len(values) or numbers != list(range(len(values))):
+        return [
+            f"{path}: 'labels' must give the values 0..{len(values) - 1} once each "
+            f"(background 0), got {list(labels.values())}"
+        ]
+    return []
+
+
+def _region_problem(path: Path, labels: dict[str, Any], regions: list[str]) -> str:
+    """Region-based training is refused, with the one-name-per-value labels to use instead."""
+    plain = {v for v in labels.values() if isinstance(v, int)}
+    plain |= {i for v in labels.values() if isinstance(v, list) for i in v if isinstance(i, int)}
+    example = {"background" if v == 0 else f"class {v}": v for v in sorted(plain)}
+    what = f"'labels' defines regions {regions}" if regions else "'regions_class_order' is set"
+    return (
+        f"{path}: {what} (nnU-Net's region-based training), but segnet "
+        "trains mutually exclusive classes, one per label value. Give each value in the label "
+        f"files one name, e.g. 'labels': {json.dumps(example)}, and remove "
+        "'regions_class_order'"
+    )
+
+
+def _nnunet_listed_cases(
+    root: Path, listing: Any, data: DataConfig, problems: list[str]
+) -> list[CaseFiles]:
+    """nnU-Net v2's optional ``dataset`` mapping: ``{case: {"images": [...], "label": ...}}``."""
+    shape = "{'images': [one file per channel], 'label': file}"
+    if not isinstance(listing, dict):
+        problems.append(f"{root / 'dataset.json'}: 'dataset' must map case ids to {shape}")
+        return []
+    cases = []
+    for case_id, entry in listing.items():
+        where = f"{root / 'dataset.json'}: 'dataset' entry '{case_id}'"
+        images = entry.get("images") if isinstance(entry, dict) else None
+        if not isinstance(images, list) or len(images) != data.num_channels or "label" not in entry:
+            problems.append(f"{where}: expected {shape} with data.num_channels={data.num_channels}")
+            continue
+        files = [_nnunet_path(root, p) for p in (*images, entry["label"])]
+        missing = [str(p) for p in files if not p.is_file()]
+        problems += [f"{where}: file not found: {p}" for p in missing]
+        if not missing:
+            cases.append(CaseFiles(str(case_id), tuple(files[:-1]), files[-1]))
+    return cases
+
+
+def _nnunet_path(root: Path, name: Any) -> Path:
+    """A ``dataset`` entry's file: environment variables expanded, relative to the root."""
+    return root / os.path.expandvars(str(name))  # an absolute path replaces the root
 
 
 def _folder_cases(
@@ -346,18 +521,23 @@ def split_cases(cases: Sequence[CaseFiles], data: DataConfig) -> Split:
     """Training and held-out cases by ``data.split``.
 
     Explicit ``train``/``val`` lists win (either alone: the other is every remaining case);
-    else fold ``fold`` of ``folds_file`` is held out and every other case trains; else a
-    shuffle seeded by ``seed`` deals the sorted ids into ``num_folds`` folds.
+    else fold ``fold`` of ``folds_file`` (segnet's ``{"folds": ...}`` or nnU-Net's
+    ``splits_final.json`` list; without ``folds_file``, a ``splits_final.json`` in the dataset
+    root) is held out and every other case trains; else a shuffle seeded by ``seed`` deals the
+    sorted ids into ``num_folds`` folds.
 
     Raises:
         DataError: listing unknown ids, a missing fold, a bad folds file or an empty split.
     """
     split, problems = data.split, list[str]()
     by_id = {c.case_id: c for c in cases}
+    folds_path = None if split.train or split.val else _folds_path(data)
     if split.train or split.val:
         val_ids = _explicit_val(split, by_id, problems)
-    elif split.folds_file:
-        val_ids = _fold_from_file(_folds_path(data), split.fold, by_id, problems)
+    elif folds_path is not None and _is_nnunet_splits(folds_path):
+        val_ids = _fold_from_nnunet_splits(folds_path, split.fold, by_id, problems)
+    elif folds_path is not None:
+        val_ids = _fold_from_file(folds_path, split.fold, by_id, problems)
     else:
         val_ids = _fold_from_shuffle(sorted(by_id), split, problems)
     train = tuple(c for c in cases if c.case_id not in val_ids)
@@ -373,9 +553,79 @@ def split_cases(cases: Sequence[CaseFiles], data: DataConfig) -> Split:
     return Split(train, val)
 
 
-def _folds_path(data: DataConfig) -> Path:
-    path = Path(data.split.folds_file or "").expanduser()
+def _folds_path(data: DataConfig) -> Path | None:
+    """``data.split.folds_file``, else nnU-Net's ``splits_final.json`` when the root has one."""
+    if not data.split.folds_file:
+        path = dataset_root(data) / SPLITS_FINAL
+        if not path.is_file():
+            return None
+        # Said aloud: the file, not the seeded shuffle, now decides what is held out.
+        log.info("split: fold %d of %s (data.split.folds_file is unset)", data.split.fold, path)
+        return path
+    path = Path(data.split.folds_file).expanduser()
     return path if path.is_absolute() else dataset_root(data) / path  # root or an alternative
+
+
+def _is_nnunet_splits(path: Path) -> bool:
+    """nnU-Net's splits are a JSON list of folds; anything else is read as segnet's format."""
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), list)
+    except (OSError, ValueError):
+        return False  # _fold_from_file names the problem
+
+
+def _fold_from_nnunet_splits(
+    path: Path, fold: int, by_id: dict[str, CaseFiles], problems: list[str]
+) -> set[str]:
+    """The ``val`` ids of fold ``fold`` of nnU-Net's ``[{"train": [...], "val": [...]}, ...]``,
+    whose ``train`` must be every other case of the dataset."""
+    folds = json.loads(path.read_text(encoding="utf-8"))
+    if fold >= len(folds):
+        problems.append(f"data.split.fold: fold {fold} is not in {path} (it has {len(folds)})")
+        return set()
+    parts = folds[fold] if isinstance(folds[fold], dict) else {}
+    train, val = _id_set(parts.get("train")), _id_set(parts.get("val"))
+    if train is None or val is None:
+        problems.append(
+            f'{path}: fold {fold} must be {{"train": [case ids], "val": [case ids]}} '
+            "(nnU-Net's splits_final.json)"
+        )
+        return set()
+    problems += _nnunet_fold_problems(path, fold, train, val, set(by_id))
+    return val
+
+
+def _id_set(value: Any) -> set[str] | None:
+    """A JSON list of case ids as a set; None for anything else."""
+    if isinstance(value, list) and all(isinstance(i, str) for i in value):
+        return set(value)
+    return None
+
+
+def _nnunet_fold_problems(
+    path: Path, fold: int, train: set[str], val: set[str], dataset: set[str]
+) -> list[str]:
+    """A fold that names unknown cases, holds one out and trains on it, or forgets one."""
+    where = f"{path}: fold {fold}"
+    problems = [
+        f"{where} '{key}' has {len(ids - dataset)} case ids not in the dataset: "
+        f"{sorted(ids - dataset)[:10]}"
+        for key, ids in (("train", train), ("val", val))
+        if ids - dataset
+    ]
+    if train & val:
+        problems.append(f"{where}: case ids in both 'train' and 'val': {sorted(train & val)[:10]}")
+    if dataset - train - val:
+        problems.append(
+            f"{where}: {len(dataset - train - val)} cases of the dataset are in neither 'train' "
+            f"nor 'val': {sorted(dataset - train - val)[:10]}"
+        )
+    if problems:
+        problems[-1] += (
+            f"; {path.name} does not fit this dataset: regenerate it, or choose the split with "
+            "data.split.folds_file or data.split.train/val"
+        )
+    return problems
 
 
 def _explicit_val(split: SplitConfig, by_id: dict[str, CaseFiles], problems: list[str]) -> set[str]:

@@ -1,4 +1,4 @@
-"""Dataset description (MSD, folders, list) and splits; every problem listed in one DataError."""
+"""Dataset description (MSD, nnU-Net v2, folders, list) and splits; problems in one DataError."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -228,3 +229,273 @@ def test_synthetic_root_is_generated_on_first_use(tmp_path: Path, monkeypatch) -
     monkeypatch.setattr(synthetic, "SyntheticSpec", lambda **kw: small)
     split = load_split(data_config(tmp_path / "generated", synthetic=True))
     assert len(split.train) + len(split.val) == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# nnU-Net v2: a raw dataset folder as nnU-Net lays it out, with a copied splits_final.json
+# ---------------------------------------------------------------------------------------------
+NNUNET_IDS = [f"PROSTATE_{i:03d}" for i in range(5)]
+NNUNET_JSON = {
+    "channel_names": {"0": "T2", "1": "ADC"},
+    "labels": {"background": 0, "PZ": 1, "TZ": 2},
+    "numTraining": len(NNUNET_IDS),
+    "file_ending": ".nii.gz",
+    "name": "Dataset005_Prostate",
+}
+# nnU-Net's splits_final.json: a list of folds, each {"train": [...], "val": [...]}.
+NNUNET_SPLITS = [
+    {"train": [i for i in NNUNET_IDS if i != held_out], "val": [held_out]}
+    for held_out in NNUNET_IDS
+]
+
+
+def write_nnunet_v2(root: Path, shape: tuple[int, int, int] = (17, 18, 19)) -> Path:
+    """nnUNet_raw/Dataset005_Prostate as nnU-Net v2 wants it: 2 channels ``_0000``/``_0001``,
+    labels 0..2, ``imagesTs/`` with one unlabelled case, and splits_final.json beside it."""
+    rng = np.random.default_rng(0)
+    affine = np.diag([0.6, 0.6, 3.0, 1.0])
+    affine[:3, 3] = (-40.0, -35.0, 10.0)
+    for case in [*NNUNET_IDS, "PROSTATE_100"]:
+        folder = "imagesTs" if case == "PROSTATE_100" else "imagesTr"
+        label = np.zeros(shape, np.uint8)
+        label[3:9, 4:10, 5:11] = 1
+        label[9:14, 8:15, 9:16] = 2
+        for channel in range(2):
+            image = (rng.normal(100.0, 10.0, shape) + 50.0 * label).astype(np.float32)
+            _save_nifti(root / folder / f"{case}_{channel:04d}.nii.gz", image, affine)
+        if folder == "imagesTr":
+            _save_nifti(root / "labelsTr" / f"{case}.nii.gz", label, affine)
+    (root / "dataset.json").write_text(json.dumps(NNUNET_JSON, indent=4))
+    (root / "splits_final.json").write_text(json.dumps(NNUNET_SPLITS, indent=4))
+    return root
+
+
+def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+
+
+def nnunet_config(root: Path, **data: Any) -> DataConfig:
+    return data_config(root, **{"num_classes": 3, "num_channels": 2, **data})
+
+
+@pytest.fixture
+def nnunet_root(tmp_path: Path) -> Path:
+    return write_nnunet_v2(tmp_path / "Dataset005_Prostate")
+
+
+@pytest.mark.parametrize("fmt", ["auto", "nnunetv2"])
+def test_nnunet_v2_cases_are_read_from_its_files(nnunet_root: Path, fmt: str) -> None:
+    cases = describe_dataset(nnunet_config(nnunet_root, format=fmt))
+    assert [c.case_id for c in cases] == NNUNET_IDS
+    images = nnunet_root / "imagesTr"
+    assert cases[0].images == (
+        images / "PROSTATE_000_0000.nii.gz",
+        images / "PROSTATE_000_0001.nii.gz",
+    )
+    assert cases[0].label == nnunet_root / "labelsTr" / "PROSTATE_000.nii.gz"
+    test = describe_dataset(nnunet_config(nnunet_root, format=fmt), subset="test")
+    assert [(c.case_id, len(c.images), c.label) for c in test] == [("PROSTATE_100", 2, None)]
+
+
+@pytest.mark.parametrize("fold", [0, 3])
+def test_splits_final_in_the_root_is_the_split(nnunet_root: Path, fold: int) -> None:
+    split = load_split(nnunet_config(nnunet_root, split={"fold": fold}))
+    assert [c.case_id for c in split.val] == NNUNET_SPLITS[fold]["val"]
+    assert [c.case_id for c in split.train] == NNUNET_SPLITS[fold]["train"]
+
+
+def test_splits_final_is_recognised_by_content_in_folds_file(nnunet_root: Path) -> None:
+    (nnunet_root / "splits_final.json").rename(nnunet_root / "nnunet_folds.json")
+    split = load_split(nnunet_config(nnunet_root, split={"folds_file": "nnunet_folds.json"}))
+    assert [c.case_id for c in split.val] == NNUNET_SPLITS[0]["val"]
+
+
+def test_nnunet_v2_dataset_mapping_lists_the_cases(nnunet_root: Path) -> None:
+    info = dict(NNUNET_JSON, numTraining=2)
+    info["dataset"] = {
+        name: {
+            "images": [
+                f"imagesTr/PROSTATE_00{i}_0000.nii.gz",
+                f"imagesTr/PROSTATE_00{i}_0001.nii.gz",
+            ],
+            "label": f"labelsTr/PROSTATE_00{i}.nii.gz",
+        }
+        for i, name in ((1, "first"), (3, "second"))
+    }
+    (nnunet_root / "dataset.json").write_text(json.dumps(info))
+    cases = describe_dataset(nnunet_config(nnunet_root))
+    assert [(c.case_id, c.label.name) for c in cases] == [
+        ("first", "PROSTATE_001.nii.gz"),
+        ("second", "PROSTATE_003.nii.gz"),
+    ]
+
+
+def _edit_json(name: str, edit: Any) -> Any:
+    """A damage that rewrites ``root/name`` with ``edit(contents)``."""
+
+    def damage(root: Path) -> None:
+        path = root / name
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+    return damage
+
+
+def _labels(labels: dict[str, Any], **extra: Any) -> Any:
+    return _edit_json("dataset.json", lambda info: {**info, "labels": labels, **extra})
+
+
+BRATS = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
+# name, damage, data settings, the file and the key (and problem) the error must name
+NNUNET_DEFECTS = [
+    (
+        "region_labels",
+        _labels(BRATS, regions_class_order=[1, 2, 3]),
+        {},
+        ("dataset.json", "'labels'", "region"),
+    ),
+    (
+        "ignore_label",
+        _labels({"background": 0, "PZ": 1, "TZ": 2, "ignore": 3}),
+        {},
+        ("dataset.json", "'ignore'"),
+    ),
+    (
+        "mha_file_ending",
+        _edit_json("dataset.json", lambda d: {**d, "file_ending": ".mha"}),
+        {},
+        ("dataset.json", "'file_ending'", ".mha"),
+    ),
+    (
+        "png_file_ending",
+        _edit_json("dataset.json", lambda d: {**d, "file_ending": ".png"}),
+        {},
+        ("dataset.json", "'file_ending'", ".png"),
+    ),
+    (
+        "num_classes_mismatch",
+        lambda root: None,
+        {"num_classes": 4},
+        ("dataset.json", "'labels'", "data.num_classes: 3"),
+    ),
+    (
+        "num_channels_mismatch",
+        lambda root: None,
+        {"num_channels": 1},
+        ("dataset.json", "'channel_names'", "data.num_channels: 2"),
+    ),
+    (
+        "labels_not_0_to_n",
+        _labels({"background": 0, "PZ": 1, "TZ": 5}),
+        {},
+        ("dataset.json", "'labels'", "0..2"),
+    ),
+    (
+        "missing_file_ending",
+        _edit_json("dataset.json", lambda d: {k: v for k, v in d.items() if k != "file_ending"}),
+        {},
+        ("dataset.json", "'file_ending'"),
+    ),
+    (
+        "num_training_mismatch",
+        _edit_json("dataset.json", lambda d: {**d, "numTraining": 32}),
+        {},
+        ("dataset.json", "'numTraining'"),
+    ),
+    (
+        "splits_unknown_ids",
+        _edit_json(
+            "splits_final.json",
+            lambda s: [{"train": f["train"] + ["ghost_7"], "val": f["val"]} for f in s],
+        ),
+        {},
+        ("splits_final.json", "'train'", "ghost_7"),
+    ),
+    (
+        "splits_train_val_overlap",
+        _edit_json(
+            "splits_final.json", lambda s: [{"train": NNUNET_IDS, "val": f["val"]} for f in s]
+        ),
+        {},
+        ("splits_final.json", "'train' and 'val'", "PROSTATE_000"),
+    ),
+    (
+        "splits_forget_a_case",
+        _edit_json(
+            "splits_final.json", lambda s: [{"train": f["train"][1:], "val": f["val"]} for f in s]
+        ),
+        {},
+        ("splits_final.json", "neither", "PROSTATE_001"),
+    ),
+    (
+        "splits_fold_missing",
+        lambda root: None,
+        {"split": {"folds_file": "splits_final.json", "fold": 7}},
+        ("splits_final.json", "data.split.fold"),
+    ),
+    (
+        "splits_fold_not_an_object",
+        _edit_json("splits_final.json", lambda s: [["PROSTATE_000"]] * 5),
+        {},
+        ("splits_final.json", "fold 0", '"val"'),
+    ),
+    (
+        "msd_format_on_v2_json",
+        lambda root: None,
+        {"format": "msd"},
+        ("dataset.json", "'training'", "data.format: nnunetv2"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "settings", "named"), NNUNET_DEFECTS, ids=[d[0] for d in NNUNET_DEFECTS]
+)
+def test_each_nnunet_problem_names_its_file_and_key(
+    nnunet_root: Path, name: str, damage: Any, settings: dict[str, Any], named: tuple[str, ...]
+) -> None:
+    damage(nnunet_root)
+    with pytest.raises(DataError) as info:
+        load_split(nnunet_config(nnunet_root, **settings))
+    assert all(text in str(info.value) for text in named), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda root: (root / "dataset.json").write_text(json.dumps({"name": "mine"})),
+        lambda root: shutil.rmtree(root / "imagesTr") or (root / "dataset.json").unlink(),
+    ],
+    ids=["dataset_json_of_neither_kind", "nothing_to_read"],
+)
+def test_a_failed_detection_names_the_layouts_tried(nnunet_root: Path, damage: Any) -> None:
+    damage(nnunet_root)
+    with pytest.raises(DataError) as info:
+        describe_dataset(nnunet_config(nnunet_root))
+    message = str(info.value)
+    assert "data.format: auto" in message
+    assert all(layout in message for layout in ("msd", "nnunetv2", "folders", "list"))
+
+
+@pytest.mark.slow
+def test_training_runs_on_an_nnunet_v2_dataset(nnunet_root: Path, tmp_path: Path) -> None:
+    from segnet.training.trainer import train
+
+    config = build_config(
+        {
+            "data": {
+                "root": str(nnunet_root),
+                "num_classes": 3,
+                "num_channels": 2,
+                "patch_size": [16, 16, 16],
+                "cache_dir": str(tmp_path / "cache"),
+                "split": {"fold": 2},
+            },
+            "model": {"name": "unet3d", "unet3d": {"filters": 4, "depth": 2}},
+            "train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 1},
+            "evaluation": {"batch_size": 2, "montage": False},
+        }
+    )
+    result = train(config, run_dir=tmp_path / "run", quiet=True)
+    assert (result.epochs_done, result.step) == (1, 2)
+    assert result.best_score is not None  # validated on the held-out fold of splits_final.json
