@@ -197,6 +197,18 @@ def _set_item(data: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[s
     return data
 
 
+def nnunet_v2(**changes: Any) -> Callable[[Path], None]:
+    """The dataset described by an nnU-Net v2 ``dataset.json`` (``changes`` merged in)."""
+
+    def apply(root: Path) -> None:
+        labels = {"background": 0, "first": 1, "second": 2}
+        description = {"channel_names": {"0": "MR"}, "labels": labels, "numTraining": 4}
+        description["file_ending"] = ".nii.gz"
+        (root / "dataset.json").write_text(json.dumps({**description, **changes}))
+
+    return apply
+
+
 def folders(edit: Callable[[Path], None] = lambda root: None) -> Callable[[Path], None]:
     """The nnU-Net folder layout alone (dataset.json removed), then ``edit``."""
 
@@ -528,6 +540,8 @@ DATASET = [
     BadInput("empty-folders", "dataset", dataset(folders(_empty_folders)), ("{root}: no train cases found",)),
     BadInput("empty-dataset-root", "dataset", dataset(_wipe), ("{root}/imagesTr: folder not found",)),
     BadInput("duplicate-case-ids", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("training", 1), d["training"][0]))), ("case id 'case_000' appears 2 times",)),
+    BadInput("nnunet-v2-region-labels", "dataset", dataset(nnunet_v2(labels={"background": 0, "whole": [1, 2], "core": 2}, regions_class_order=[1, 2])), ("{root}/dataset.json", "region"), subprocess=True),
+    BadInput("nnunet-v2-file-ending-mha", "dataset", dataset(nnunet_v2(file_ending=".mha")), ("{root}/dataset.json", "file_ending", ".mha")),
     BadInput("dataset-json-missing-label", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("training", 0, "label"), "./labelsTr/gone.nii.gz"))), ("dataset.json training[0]: label file not found: {root}/labelsTr/gone.nii.gz",)),
     BadInput("dataset-json-missing-image", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("training", 2, "image"), "./imagesTr/gone.nii.gz"))), ("dataset.json training[2]: image file not found: {root}/imagesTr/gone.nii.gz",)),
     BadInput("dataset-json-invalid", "dataset", dataset(replace_bytes("dataset.json", b'{"training": [')), ("{root}/dataset.json: not valid JSON",)),
