@@ -5,6 +5,7 @@ Layout::
     runs/NAME/
       config.yaml            the resolved experiment (defaults filled in)
       fingerprint.json       dataset statistics that inference must reuse
+      split.json             which cases trained, validated (chose best), were held out, skipped
       checkpoints/           tf.train checkpoints (latest K) and checkpoints/best/
       logs/                  TensorBoard event files
       metrics.csv            one row per epoch
@@ -45,6 +46,7 @@ from segnet.files import TEMPORARY_PREFIX, FolderLock, atomic_write_text
 CONFIG_NAME = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 FINGERPRINT_NAME = "fingerprint.json"
+SPLIT_NAME = "split.json"  # the case ids that trained, validated, were held out or skipped
 MARKER_NAME = ".segnet-run"  # written first: what makes a folder recognisably a segnet run
 # A marker that a kill interrupted mid-write (files.atomic_output's temporary name).
 _PARTIAL_MARKER = re.compile(

@@ -63,10 +63,15 @@ class CaseFiles:
 
 @dataclass(frozen=True)
 class Split:
-    """Training cases and held-out (validation) cases; no case is in both."""
+    """Training cases and held-out (validation) cases; no case is in both.
+
+    Attributes:
+        source: what decided the split, in words (``folds.json, fold 0``).
+    """
 
     train: tuple[CaseFiles, ...]
     val: tuple[CaseFiles, ...]
+    source: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,12 +539,16 @@ def split_cases(cases: Sequence[CaseFiles], data: DataConfig) -> Split:
     folds_path = None if split.train or split.val else _folds_path(data)
     if split.train or split.val:
         val_ids = _explicit_val(split, by_id, problems)
+        source = "the explicit lists data.split.train / data.split.val"
     elif folds_path is not None and _is_nnunet_splits(folds_path):
         val_ids = _fold_from_nnunet_splits(folds_path, split.fold, by_id, problems)
+        source = f"{folds_path}, fold {split.fold}"
     elif folds_path is not None:
         val_ids = _fold_from_file(folds_path, split.fold, by_id, problems)
+        source = f"{folds_path}, fold {split.fold}"
     else:
         val_ids = _fold_from_shuffle(sorted(by_id), split, problems)
+        source = f"a shuffle seeded {split.seed} into {split.num_folds} folds, fold {split.fold}"
     train = tuple(c for c in cases if c.case_id not in val_ids)
     val = tuple(c for c in cases if c.case_id in val_ids)
     if split.train:
@@ -550,7 +559,7 @@ def split_cases(cases: Sequence[CaseFiles], data: DataConfig) -> Split:
                 problems.append(f"data.split: the {name} split is empty ({len(cases)} cases)")
     if problems:
         raise DataError(problems)
-    return Split(train, val)
+    return Split(train, val, source)
 
 
 def _folds_path(data: DataConfig) -> Path | None:

@@ -101,6 +101,7 @@ def evaluate_run(
     chose_best = cases_that_chose_best(run_config, cases)
     checkpoint, selection = _pick_checkpoint(run_dir, checkpoint, chose_best, len(cases))
     log.info("checkpoint: %s", selection)
+    provenance = {"checkpoint_selection": selection, "cases_that_chose_best": chose_best}
     refs = loading.resolve_checkpoints(run_dir, checkpoint, allow_all=True)
     evaluation_dir = ensure_writable_dir(
         run_dir / EVALUATION_DIR, "evaluation folder", "fix the permissions of the run directory"
@@ -112,7 +113,7 @@ def evaluate_run(
         for ref in refs:
             folder = evaluation_dir / evaluation_folder_name(ref.name, data)
             document = evaluate_checkpoint(
-                run_dir, config, ref, cases, class_names, quiet, folder, selection
+                run_dir, config, ref, cases, class_names, quiet, folder, provenance
             )
             results[ref.name] = document
             print(f"\n{ref.name} ({ref.path}), {len(cases)} cases; {selection}:")
@@ -133,14 +134,16 @@ def evaluate_checkpoint(
     class_names: dict[int, str] | None = None,
     quiet: bool = False,
     out_dir: Path | None = None,
-    selection: str | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Predicts and scores ``cases`` with one checkpoint; writes its evaluation folder.
 
     Args:
         out_dir: the folder (default ``<run_dir>/evaluation/<checkpoint name>``). It is written
             aside and swapped in when complete, replacing an earlier evaluation as a whole.
-        selection: how the checkpoint was chosen, kept in ``metrics.json``.
+        provenance: how the checkpoint was chosen (``checkpoint_selection``) and which of the
+            cases chose the best checkpoint (``cases_that_chose_best``), kept in
+            ``metrics.json`` beside the per-case results.
 
     Returns:
         The metrics document (see ``report.metrics_document``).
@@ -160,7 +163,7 @@ def evaluate_checkpoint(
             per_case=per_case,
             class_names=class_names,
         )
-        document["checkpoint_selection"] = selection
+        document.update(provenance or {})
         report.write_per_case_csv(staging / "per_case.csv", per_case)
         report.write_json(staging / "metrics.json", document)  # last: the folder is complete
         _swap_in(staging, out_dir)
@@ -325,15 +328,16 @@ def evaluation_cases(
             classes than the model's, or its cases are unusable.
     """
     if data is None:
-        cases = list(load_split(config.data).val)
+        cases = _held_out(config)
     else:
         path = Path(data).expanduser()
         if path.is_file() and path.suffix in (".yaml", ".yml"):
             config = dataclasses.replace(config, data=_data_from_yaml(path, config))
-            cases = list(load_split(config.data).val)
+            cases = _held_out(config)
         elif path.is_dir():
             config = dataclasses.replace(config, data=_data_from_folder(path, config))
             cases = describe_dataset(config.data, "train")
+            log.info("cases: every labelled case of %s (%d)", path, len(cases))
         else:
             raise UserError(
                 f"--data {data}: neither a config .yaml file nor a dataset folder; pass an "
@@ -345,6 +349,12 @@ def evaluation_cases(
     # Inference pads volumes smaller than the window, so that training-only check is off.
     padded = dataclasses.replace(config.data, pad_small_volumes=True)
     return config, check_cases(cases, padded, EVALUATE_FIXES).cases
+
+
+def _held_out(config: ExperimentConfig) -> list[CaseFiles]:
+    split = load_split(config.data)
+    log.info("cases: the %d held out by %s", len(split.val), split.source)
+    return list(split.val)
 
 
 def _data_from_yaml(path: Path, config: ExperimentConfig) -> Any:

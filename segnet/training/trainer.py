@@ -31,8 +31,9 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -54,6 +55,7 @@ from segnet.run_dir import (
     CHECKPOINT_DIR,
     CONFIG_NAME,
     FINGERPRINT_NAME,
+    SPLIT_NAME,
     check_run_dir,
     default_run_dir,
     explain_os_error,
@@ -121,12 +123,14 @@ class TrainingData:
 
     ``warnings`` are about data that trains but cannot teach what it should (a class no label
     holds, all-background labels, all-zero images); :func:`train` logs them into train.log.
+    ``split`` lists the case ids of each part, as written to ``split.json``.
     """
 
     train: list[PreprocessedCase]
     val: list[PreprocessedCase]
     fingerprint: DatasetFingerprint
     warnings: tuple[str, ...] = ()
+    split: dict[str, Any] = field(default_factory=dict)
 
 
 def train(
@@ -178,11 +182,23 @@ def train(
         if cluster.is_chief:
             initialise_run_dir(run_dir, stored)
             _write_fingerprint(run_dir, data.fingerprint)
+            _write_json(run_dir / SPLIT_NAME, data.split)
             stack.enter_context(_log_file(run_dir / "train.log"))
         log.info("%s %s", "resuming" if resuming else "starting", run_dir)
+        log.info("%s", describe_split(data.split))  # the data was read before train.log opened
         for warning in data.warnings:  # checked before the run directory existed: log them now
             log.warning("%s", warning)
         return session.run(quiet)
+
+
+def describe_split(split: dict[str, Any]) -> str:
+    """One line naming where the split came from and the size of each part."""
+    skipped = f"; {len(split['skipped'])} unusable cases skipped" if split["skipped"] else ""
+    return (
+        f"split from {split['source']}: {len(split['train'])} training cases, "
+        f"{len(split['held_out'])} held out ({len(split['validation'])} validated during "
+        f"training: they pick the best checkpoint){skipped}; case ids in {SPLIT_NAME}"
+    )
 
 
 def _log_extension(previous: ExperimentConfig | None, config: ExperimentConfig) -> None:
@@ -241,9 +257,15 @@ def load_training_data(config: ExperimentConfig) -> TrainingData:
     fingerprint = load_or_compute_fingerprint(config, train_files)
     train_cases = prepare_cases(config, train_files, fingerprint)
     val_cases = prepare_cases(config, val_files, fingerprint) if val_files else []
-    log.info("data: %d training cases, %d validation cases", len(train_cases), len(val_cases))
+    split_record = {
+        "source": split.source,
+        "train": [c.case_id for c in train_files],
+        "validation": [c.case_id for c in val_files],
+        "held_out": [c.case_id for c in split.val if c.case_id in usable],
+        "skipped": sorted({c.case_id for c in [*split.train, *split.val]} - usable),
+    }
     warnings = checked.warnings([c.case_id for c in train_files], config.data.num_classes)
-    return TrainingData(train_cases, val_cases, fingerprint, tuple(warnings))
+    return TrainingData(train_cases, val_cases, fingerprint, tuple(warnings), split_record)
 
 
 def resume_command(run_dir: Path) -> str:
@@ -489,9 +511,12 @@ def _missing_kernel(exc: tf.errors.OpError, config: ExperimentConfig) -> Excepti
 
 
 def _write_fingerprint(run_dir: Path, fingerprint: DatasetFingerprint) -> None:
-    path = run_dir / FINGERPRINT_NAME
+    _write_json(run_dir / FINGERPRINT_NAME, fingerprint.to_dict())
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
     try:
-        atomic_write_text(path, json.dumps(fingerprint.to_dict(), indent=1) + "\n")
+        atomic_write_text(path, json.dumps(document, indent=1) + "\n")
     except OSError as exc:
         raise explain_os_error(exc, path) from None
 

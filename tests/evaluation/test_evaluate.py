@@ -413,6 +413,7 @@ def test_default_is_latest_on_the_cases_that_chose_best(run: Path, oracle):
     stored = json.loads((run / "evaluation" / "latest" / "metrics.json").read_text())
     assert stored["checkpoint_selection"].startswith("latest by default")
     assert "2 of these 2 cases chose the best checkpoint" in stored["checkpoint_selection"]
+    assert stored["cases_that_chose_best"] == HELD_OUT
 
 
 def test_default_is_best_on_cases_that_did_not_choose_it(

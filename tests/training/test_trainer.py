@@ -54,6 +54,19 @@ def test_a_run_writes_a_self_describing_directory(reference_run: TrainResult) ->
     assert "exported" in (run / "train.log").read_text()
 
 
+def test_the_split_is_written_and_logged(reference_run: TrainResult, tiny_root: Path) -> None:
+    import json
+
+    split = json.loads((reference_run.run_dir / "split.json").read_text())
+    folds = json.loads((tiny_root / "folds.json").read_text())["folds"]
+    assert split["source"].endswith("folds.json, fold 0")
+    assert split["held_out"] == sorted(folds["0"]) and split["validation"] == split["held_out"]
+    assert sorted(split["train"]) == sorted(i for f, ids in folds.items() if f != "0" for i in ids)
+    assert not set(split["train"]) & set(split["held_out"]) and split["skipped"] == []
+    log = (reference_run.run_dir / "train.log").read_text()
+    assert f"{len(split['train'])} training cases, {len(split['held_out'])} held out" in log
+
+
 def test_metrics_csv_has_one_row_per_epoch(reference_run: TrainResult) -> None:
     with (reference_run.run_dir / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
