@@ -53,7 +53,7 @@ from segnet.losses import build_loss
 from segnet.models.registry import build_model
 from segnet.training.optimizers import build_optimizer
 from segnet.training.step import make_train_step
-from segnet.training.trainer import load_training_data, model_spatial_dims
+from segnet.training.trainer import load_training_data
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = [
@@ -104,7 +104,7 @@ class Bench:
 def build_bench(config: ExperimentConfig) -> Bench:
     """Data, model and step as the trainer builds them (default strategy, one device)."""
     data = load_training_data(config)
-    spatial_dims = model_spatial_dims(config)
+    spatial_dims = config.spatial_dims
     strategy = tf.distribute.get_strategy()
     keras.utils.set_random_seed(config.train.seed)
     model = build_model(config)

@@ -547,6 +547,11 @@ class ExperimentConfig:
     def window(self) -> tuple[int, int, int]:
         return self.evaluation.window or self.data.patch_size
 
+    @property
+    def spatial_dims(self) -> int:
+        """2 for a 2D SegNet (trained on axial slices, predicting slice by slice), else 3."""
+        return 2 if self.model.name == "segnet" and self.model.segnet.spatial_dims == 2 else 3
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading

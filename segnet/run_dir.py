@@ -1,18 +1,20 @@
 """The run directory: a self-describing folder holding one experiment.
 
-Layout::
+:class:`RunLayout` names every path in it, for every module that reads or writes a run::
 
     runs/NAME/
+      .segnet-run            the marker, written first
       config.yaml            the resolved experiment (defaults filled in)
       fingerprint.json       dataset statistics that inference must reuse
       split.json             which cases trained, validated (chose best), were held out, skipped
       checkpoints/           tf.train checkpoints (latest K) and checkpoints/best/
       logs/                  TensorBoard event files
       metrics.csv            one row per epoch
+      progress.png           loss, learning rate, validation Dice and speed against steps
       train.log              the text log
       export/model.keras     the final Keras model
       export/saved_model/    the final TensorFlow SavedModel (loads without segnet)
-      evaluation/<ckpt>/     metrics.json, per_case.csv, montages
+      evaluation/<ckpt>/     metrics.json, per_case.csv, predictions, montages
 
 Running again on the same directory resumes; a different config is refused unless forced,
 so a resumed run can never silently change its experiment.
@@ -31,6 +33,7 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from segnet.config import (
@@ -47,11 +50,87 @@ CONFIG_NAME = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 FINGERPRINT_NAME = "fingerprint.json"
 SPLIT_NAME = "split.json"  # the case ids that trained, validated, were held out or skipped
+BEST_DIR = "best"  # checkpoints/best: the best checkpoint by validation Dice
 MARKER_NAME = ".segnet-run"  # written first: what makes a folder recognisably a segnet run
 # A marker that a kill interrupted mid-write (files.atomic_output's temporary name).
 _PARTIAL_MARKER = re.compile(
     rf"{re.escape(TEMPORARY_PREFIX)}\d+-[0-9a-f]+-{re.escape(MARKER_NAME)}"
 )
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path of one run directory: the only place that spells their names.
+
+    Attributes:
+        root: the run directory.
+    """
+
+    root: Path
+
+    @property
+    def marker(self) -> Path:
+        return self.root / MARKER_NAME
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_NAME
+
+    @property
+    def fingerprint(self) -> Path:
+        return self.root / FINGERPRINT_NAME
+
+    @property
+    def split(self) -> Path:
+        return self.root / SPLIT_NAME
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINT_DIR
+
+    @property
+    def best_checkpoints(self) -> Path:
+        return self.root / CHECKPOINT_DIR / BEST_DIR
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def progress_png(self) -> Path:
+        return self.root / "progress.png"
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def exported_keras(self) -> Path:
+        return self.root / "export" / "model.keras"
+
+    @property
+    def saved_model(self) -> Path:
+        return self.root / "export" / "saved_model"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    def config_backup(self, stamp: str) -> Path:
+        """Where a forced change keeps the config it replaces."""
+        return self.root / f"config.before-{stamp}.yaml"
+
+    def config_backups(self) -> list[Path]:
+        """The kept earlier configs, oldest first."""
+        return sorted(self.root.glob("config.before-*.yaml"))
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:
@@ -85,14 +164,15 @@ def stored_config(run_dir: Path, flag: str = "--run-dir") -> ExperimentConfig | 
         RunDirError: ``config.yaml`` exists but does not parse or validate; one line with the
             first problem and how to get going again.
     """
-    path = run_dir / CONFIG_NAME
+    layout = RunLayout(run_dir)
+    path = layout.config
     if not path.exists():
         return None
     try:
         return build_config(read_yaml(path), source=str(path))
     except ConfigError as exc:
         more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
-        earlier = sorted(run_dir.glob("config.before-*.yaml"))  # kept by a forced change
+        earlier = layout.config_backups()  # kept by a forced change
         kept = f" (its previous version is kept as {earlier[-1].name})" if earlier else ""
         raise RunDirError(
             f"{path} is not a readable segnet config: {exc.problems[0]}{more}; repair "
@@ -148,7 +228,7 @@ def check_run_dir(run_dir: Path, config: ExperimentConfig, force: bool = False) 
     if diffs and not force:
         shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
         raise RunDirError(
-            f"{run_dir / CONFIG_NAME} holds a different experiment ({shown}); "
+            f"{RunLayout(run_dir).config} holds a different experiment ({shown}); "
             "use another --run-dir, or --force to continue this run with the "
             "new config"
         )
@@ -161,9 +241,10 @@ def check_ownership(run_dir: Path) -> None:
     Raises:
         RunDirError: ``run_dir`` holds files but neither the marker nor a run's config.
     """
-    if not run_dir.is_dir() or (run_dir / MARKER_NAME).is_file():
+    layout = RunLayout(run_dir)
+    if not run_dir.is_dir() or layout.marker.is_file():
         return
-    if (run_dir / CONFIG_NAME).is_file():
+    if layout.config.is_file():
         return  # a run from before the marker: stored_config() checks that it is one
     foreign = sorted(p.name for p in run_dir.iterdir() if not _PARTIAL_MARKER.fullmatch(p.name))
     if foreign:
@@ -203,14 +284,14 @@ def initialise_run_dir(run_dir: Path, config: ExperimentConfig) -> None:
     older one)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        marker = run_dir / MARKER_NAME
-        if not marker.is_file():
-            atomic_write_text(marker, _marker_text())
-        path = run_dir / CONFIG_NAME
+        layout = RunLayout(run_dir)
+        if not layout.marker.is_file():
+            atomic_write_text(layout.marker, _marker_text())
+        path = layout.config
         text = config_to_yaml(config)
         if path.exists() and path.read_text(encoding="utf-8") != text:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            os.replace(path, run_dir / f"config.before-{stamp}.yaml")
+            os.replace(path, layout.config_backup(stamp))
         atomic_write_text(path, text)
     except OSError as exc:
         raise explain_os_error(exc, run_dir) from None

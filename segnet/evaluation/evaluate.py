@@ -63,10 +63,9 @@ from segnet.inference.predict import (
     write_segmentation,
 )
 from segnet.metrics import ClassMetrics, compute_case_metrics, summarize
-from segnet.run_dir import CHECKPOINT_DIR
+from segnet.run_dir import RunLayout
 
 log = logging.getLogger("segnet")
-EVALUATION_DIR = "evaluation"
 # The hidden folders of an evaluation being written (partial) or being replaced (old).
 _STAGED = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-\d+-[0-9a-f]+")
 
@@ -104,7 +103,9 @@ def evaluate_run(
     provenance = {"checkpoint_selection": selection, "cases_that_chose_best": chose_best}
     refs = loading.resolve_checkpoints(run_dir, checkpoint, allow_all=True)
     evaluation_dir = ensure_writable_dir(
-        run_dir / EVALUATION_DIR, "evaluation folder", "fix the permissions of the run directory"
+        RunLayout(run_dir).evaluation,
+        "evaluation folder",
+        "fix the permissions of the run directory",
     )
     class_names = dataset_class_names(config)
     results: dict[str, Any] = {}
@@ -121,7 +122,7 @@ def evaluate_run(
     if len(refs) > 1:
         ranking = report.ranking_table({name: doc["summary"] for name, doc in results.items()})
         ranking_file = evaluation_folder_name("ranking", data) + ".txt"
-        atomic_write_text(run_dir / EVALUATION_DIR / ranking_file, ranking + "\n")
+        atomic_write_text(RunLayout(run_dir).evaluation / ranking_file, ranking + "\n")
         print(f"\ncheckpoints ranked by mean foreground Dice:\n{ranking}")
     return results
 
@@ -148,7 +149,7 @@ def evaluate_checkpoint(
     Returns:
         The metrics document (see ``report.metrics_document``).
     """
-    out_dir = out_dir or run_dir / EVALUATION_DIR / ref.name
+    out_dir = out_dir or RunLayout(run_dir).evaluation / ref.name
     predictor = load_predictor(run_dir, config, ref)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
@@ -275,7 +276,7 @@ def _pick_checkpoint(
         )
     if chose_best:
         return "latest", f"latest by default, because {overlap}"
-    if not (run_dir / CHECKPOINT_DIR / loading.BEST_DIR).is_dir():
+    if not RunLayout(run_dir).best_checkpoints.is_dir():
         return "latest", "latest by default: the run kept no best checkpoint"
     return "best", "best by default: none of these cases chose it"
 

@@ -25,15 +25,19 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from segnet.checkpoint_files import (
+    checkpoint_candidates,
+    first_line,
+    model_objects,
+    verify_checkpoint,
+)
 from segnet.config import ExperimentConfig, build_config, config_to_dict
 from segnet.data.preprocessing import DatasetFingerprint
 from segnet.errors import ConfigError, RunDirError, UserError
 from segnet.models.registry import build_model
-from segnet.run_dir import CHECKPOINT_DIR, CONFIG_NAME, FINGERPRINT_NAME, stored_config
-from segnet.training.checkpoints import checkpoint_candidates, verify_checkpoint
+from segnet.run_dir import CONFIG_NAME, RunLayout, stored_config
 
 log = logging.getLogger("segnet")
-BEST_DIR = "best"
 # What may change between training and inference: how the sliding window runs and where the
 # held-out data lives. Everything else shaped the weights or their preprocessing.
 OVERRIDABLE = (
@@ -109,7 +113,7 @@ def load_fingerprint(run_dir: Path, config: ExperimentConfig) -> DatasetFingerpr
         RunDirError: it is needed (resampling to the median spacing, CT normalisation) but
             missing or unreadable.
     """
-    path = Path(run_dir) / FINGERPRINT_NAME
+    path = RunLayout(Path(run_dir)).fingerprint
     pre = config.preprocessing
     needed = pre.normalization == "ct" or (pre.resample and pre.target_spacing is None)
     try:
@@ -137,7 +141,7 @@ def resolve_checkpoints(run_dir: Path, spec: str, allow_all: bool = False) -> li
         RunDirError: nothing matches; the message says what exists and how to get one.
     """
     run_dir = Path(run_dir)
-    directory = run_dir / CHECKPOINT_DIR
+    directory = RunLayout(run_dir).checkpoints
     if spec == "all":
         if not allow_all:
             raise RunDirError("--checkpoint all is for evaluation; pick best, latest or a path")
@@ -151,7 +155,8 @@ def resolve_checkpoints(run_dir: Path, spec: str, allow_all: bool = False) -> li
 
 def _no_checkpoint(run_dir: Path) -> RunDirError:
     return RunDirError(
-        f"no checkpoint in {run_dir / CHECKPOINT_DIR}: train first with: {train_command(run_dir)}"
+        f"no checkpoint in {RunLayout(run_dir).checkpoints}: train first with: "
+        f"{train_command(run_dir)}"
     )
 
 
@@ -163,11 +168,11 @@ def _newest(directory: Path, run_dir: Path) -> str:
 
 
 def _best(run_dir: Path) -> str:
-    best_dir = run_dir / CHECKPOINT_DIR / BEST_DIR
+    best_dir = RunLayout(run_dir).best_checkpoints
     candidates = checkpoint_candidates(best_dir) if best_dir.is_dir() else []
     if candidates:
         return candidates[0]
-    _newest(run_dir / CHECKPOINT_DIR, run_dir)  # no checkpoint at all: say so instead
+    _newest(RunLayout(run_dir).checkpoints, run_dir)  # no checkpoint at all: say so instead
     raise RunDirError(
         f"no best checkpoint in {best_dir} (kept only when validation runs: train.val_every > 0 "
         "and checkpoint.keep_best: true); use --checkpoint latest"
@@ -175,10 +180,10 @@ def _best(run_dir: Path) -> str:
 
 
 def _all_checkpoints(run_dir: Path) -> list[CheckpointRef]:
-    directory = run_dir / CHECKPOINT_DIR
+    directory = RunLayout(run_dir).checkpoints
     latest = list(reversed(checkpoint_candidates(directory))) if directory.is_dir() else []
     refs = [CheckpointRef(Path(p).name, p) for p in latest]
-    best_dir = directory / BEST_DIR
+    best_dir = RunLayout(run_dir).best_checkpoints
     best = checkpoint_candidates(best_dir) if best_dir.is_dir() else []
     if best:
         refs.append(CheckpointRef("best", best[0]))
@@ -200,7 +205,7 @@ def _from_path(run_dir: Path, spec: str) -> CheckpointRef:
             return CheckpointRef(Path(newest).name, newest)
     raise RunDirError(
         f"--checkpoint {spec}: no checkpoint there; pass best, latest, a checkpoint prefix such "
-        f"as {run_dir / CHECKPOINT_DIR / 'ckpt-100'} (the part before .index), a folder of "
+        f"as {RunLayout(run_dir).checkpoints / 'ckpt-100'} (the part before .index), a folder of "
         "checkpoints, or an exported .keras file"
     )
 
@@ -224,18 +229,15 @@ def load_model(config: ExperimentConfig, ref: CheckpointRef) -> keras.Model:
             "write a new one"
         )
     model = build_model(config)
-    # The trainer lists the model's non-trainable variables (BatchNorm statistics, seed states)
-    # next to the model, because Keras 3 does not expose all of them to tf.train tracking; a
-    # model built from the same config lists them in the same order.
-    checkpoint = tf.train.Checkpoint(model=model, model_state=list(model.non_trainable_variables))
+    checkpoint = tf.train.Checkpoint(**model_objects(model))
     try:
         checkpoint.restore(ref.path).expect_partial().assert_existing_objects_matched()
     except tf.errors.OpError as exc:
-        raise RunDirError(f"{ref.path}: cannot read the checkpoint ({_first_line(exc)})") from None
+        raise RunDirError(f"{ref.path}: cannot read the checkpoint ({first_line(exc)})") from None
     except (AssertionError, ValueError) as exc:  # ValueError: a variable of another shape
         raise RunDirError(
             f"{ref.path}: the checkpoint does not fit the model in the run's {CONFIG_NAME} "
-            f"({_first_line(exc)}); was the config edited after training?"
+            f"({first_line(exc)}); was the config edited after training?"
         ) from None
     log.info("loaded %s", ref.path)
     return model
@@ -247,7 +249,7 @@ def _load_keras_file(config: ExperimentConfig, path: str) -> keras.Model:
     try:
         model = keras.saving.load_model(path, compile=False)
     except (OSError, ValueError, TypeError) as exc:
-        raise RunDirError(f"{path}: cannot load the Keras model ({_first_line(exc)})") from None
+        raise RunDirError(f"{path}: cannot load the Keras model ({first_line(exc)})") from None
     classes = model.outputs[0].shape[-1]
     if classes != config.data.num_classes:
         raise RunDirError(
@@ -255,8 +257,3 @@ def _load_keras_file(config: ExperimentConfig, path: str) -> keras.Model:
             f"data.num_classes {config.data.num_classes}; is it from another run?"
         )
     return model
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__

@@ -52,9 +52,11 @@ from segnet.errors import DataError, UserError
 from segnet.files import ensure_writable_dir
 from segnet.inference import loading
 from segnet.inference.postprocessing import keep_largest_component
-from segnet.inference.sliding_window import configured_sliding_window, probabilities_to_labels
-from segnet.training.trainer import model_spatial_dims
-from segnet.training.validation import make_predict_fn
+from segnet.inference.sliding_window import (
+    configured_sliding_window,
+    make_predict_fn,
+    probabilities_to_labels,
+)
 
 log = logging.getLogger("segnet")
 _NIFTI = re.compile(r"^(?P<stem>[^.].*?)\.nii(\.gz)?$")  # hidden files are temporaries
@@ -144,7 +146,7 @@ def load_predictor(
     """The predictor of one checkpoint of a run."""
     fingerprint = loading.load_fingerprint(run_dir, config)
     model = loading.load_model(config, ref)
-    return Predictor(config, fingerprint, make_predict_fn(model), model_spatial_dims(config))
+    return Predictor(config, fingerprint, make_predict_fn(model), config.spatial_dims)
 
 
 def read_case(case: CaseFiles, num_channels: int) -> tuple[np.ndarray, Geometry]:

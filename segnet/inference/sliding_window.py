@@ -28,7 +28,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import tensorflow as tf
@@ -473,3 +473,13 @@ def _check_arguments(
     if problems:
         raise ValueError("; ".join(problems))
     return window  # type: ignore[return-value]  # checked to hold three sizes above
+
+
+def make_predict_fn(model: Any) -> Callable[[Any], Any]:
+    """The full-resolution logits of ``model`` in inference mode (output 0 of a list)."""
+
+    def predict(batch: Any) -> Any:
+        outputs = model(batch, training=False)
+        return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
+    return predict

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,14 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from segnet.checkpoint_files import (
+    checkpoint_candidates,
+    first_line,
+    model_objects,
+    verify_checkpoint,
+)
 from segnet.errors import RunDirError
-from segnet.run_dir import explain_os_error
+from segnet.run_dir import BEST_DIR, explain_os_error
 
 log = logging.getLogger("segnet")
 NO_SCORE = -1.0  # best_score before any validation
@@ -70,13 +75,9 @@ def build_checkpoint(
     model: keras.Model, optimizer: keras.optimizers.Optimizer, state: TrainState
 ) -> tf.train.Checkpoint:
     """The object graph that is saved. The optimizer must be built (its slots exist)."""
-    # Keras 3 layers do not expose their SeedGenerator states to tf.train tracking, so the
-    # model's non-trainable variables (seed states, BatchNorm moving statistics) are listed
-    # explicitly; variables reachable twice are stored once.
     return tf.train.Checkpoint(
-        model=model,
+        **model_objects(model),
         optimizer=optimizer,
-        model_state=list(model.non_trainable_variables),
         step=state.step,
         epochs_done=state.epochs_done,
         best_score=state.best_score,
@@ -101,7 +102,7 @@ class Checkpoints:
         self.read_dir = read_dir
         self.write_dir = write_dir
         self.latest = _manager(checkpoint, write_dir, keep)
-        self.best = _manager(checkpoint, write_dir / "best", 1)
+        self.best = _manager(checkpoint, write_dir / BEST_DIR, 1)
 
     def restore(self) -> str | None:
         """Restores the newest readable checkpoint of ``read_dir``; None when there is none.
@@ -132,7 +133,7 @@ class Checkpoints:
             # InvalidArgumentError: a variable of another dtype sits at the same place in the
             # object graph, e.g. a loss-scaled optimizer's step counter where momentum was.
             raise RunDirError(
-                f"{path} does not fit this model ({_first_line(exc)}); the model config "
+                f"{path} does not fit this model ({first_line(exc)}); the model config "
                 "changed since it was saved: use another --run-dir"
             ) from None
 
@@ -176,7 +177,7 @@ def _save_error(exc: OSError | tf.errors.OpError, directory: Path) -> Exception:
     if "No space left" in text or "ENOSPC" in text:
         return explain_os_error(OSError(errno.ENOSPC, "No space left on device"), directory)
     if "Permission denied" in text or "Read-only file system" in text:
-        return explain_os_error(OSError(errno.EACCES, _first_line(exc)), directory)
+        return explain_os_error(OSError(errno.EACCES, first_line(exc)), directory)
     return exc
 
 
@@ -192,26 +193,6 @@ def _remove_partial(directory: Path, step: int) -> None:
     if verify_checkpoint(str(directory / f"ckpt-{step}")) is not None:
         for part in directory.glob(f"ckpt-{step}.*"):  # .index and .data-*-of-*
             part.unlink(missing_ok=True)
-
-
-def checkpoint_candidates(directory: Path) -> list[str]:
-    """Checkpoint prefixes of ``directory``, newest first.
-
-    The state file's list is used when it is readable; otherwise the ``ckpt-<n>.index`` files,
-    by step.
-    """
-    try:
-        state = tf.train.get_checkpoint_state(str(directory))
-    except (tf.errors.OpError, ValueError):
-        state = None
-    if state is not None and state.all_model_checkpoint_paths:
-        return list(reversed(state.all_model_checkpoint_paths))
-    numbered = []
-    for index_file in directory.glob("ckpt-*.index"):
-        match = re.fullmatch(r"ckpt-(\d+)\.index", index_file.name)
-        if match:
-            numbered.append((int(match.group(1)), str(directory / f"ckpt-{match.group(1)}")))
-    return [path for _, path in sorted(numbered, reverse=True)]
 
 
 def checkpoint_has_loss_scale(directory: Path) -> bool | None:
@@ -232,27 +213,3 @@ def checkpoint_has_loss_scale(directory: Path) -> bool | None:
             continue  # restoring reports and skips unreadable checkpoints
         return any(name.startswith(LOSS_SCALE_PREFIX) for name in names)
     return None
-
-
-def verify_checkpoint(path: str) -> str | None:
-    """Reads every tensor of a checkpoint (which checks its CRC32C); None when all are intact.
-
-    Returns:
-        One line naming the problem, or None.
-    """
-    try:
-        reader = tf.train.load_checkpoint(path)
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)
-    except Exception as exc:
-        # Any failure means damage, whatever its type: a truncated data file surfaces as
-        # IndexError, bad bytes as DataLossError, a missing file as NotFoundError.
-        return f"{type(exc).__name__}: {_first_line(exc)}"
-    return None
-
-
-def _first_line(exc: BaseException) -> str:
-    # TensorFlow op errors start with the "{{function_node ...}}" that raised them: noise here.
-    text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", str(exc).strip())
-    lines = text.splitlines()
-    return lines[0][:200] if lines else type(exc).__name__

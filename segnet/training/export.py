@@ -14,10 +14,11 @@ leaves half a model where a previous export was.
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 
 import keras
+
+from segnet.files import atomic_output, temporary_sibling
 
 
 def inference_model(model: keras.Model) -> keras.Model:
@@ -27,22 +28,18 @@ def inference_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, model.outputs[0], name=f"{model.name}_logits")
 
 
-def export_model(model: keras.Model, export_dir: Path) -> tuple[Path, Path]:
-    """Writes ``model.keras`` and ``saved_model/`` into ``export_dir``.
+def export_model(model: keras.Model, keras_path: Path, saved_path: Path) -> tuple[Path, Path]:
+    """Writes the Keras file and the SavedModel folder, each replacing the old one whole.
 
     Returns:
         The two paths.
     """
-    export_dir.mkdir(parents=True, exist_ok=True)
-    keras_path = export_dir / "model.keras"
-    saved_path = export_dir / "saved_model"
-    tag = uuid.uuid4().hex[:8]
+    keras_path.parent.mkdir(parents=True, exist_ok=True)
+    saved_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(keras_path) as tmp_keras:
+        model.save(tmp_keras)
 
-    tmp_keras = export_dir / f".model.{tag}.keras"
-    model.save(tmp_keras)
-    tmp_keras.replace(keras_path)
-
-    tmp_saved = export_dir / f".saved_model.{tag}"
+    tmp_saved = temporary_sibling(saved_path)
     try:
         inference_model(model).export(str(tmp_saved), format="tf_saved_model", verbose=False)
         if saved_path.exists():

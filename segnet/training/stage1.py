@@ -19,7 +19,7 @@ import keras
 from segnet.config import ExperimentConfig, config_to_dict
 from segnet.errors import UserError
 from segnet.inference import loading
-from segnet.run_dir import CONFIG_NAME, stored_config
+from segnet.run_dir import CONFIG_NAME, RunLayout, stored_config
 
 log = logging.getLogger(__name__)
 KEY = "model.unet3d_cascade.stage1_from"
@@ -76,7 +76,7 @@ def _low_run_config(run_dir: Path) -> ExperimentConfig:
 
 
 def _check_compatible(low: ExperimentConfig, config: ExperimentConfig, run_dir: Path) -> None:
-    where = f"{KEY}: {run_dir / CONFIG_NAME}"
+    where = f"{KEY}: {RunLayout(run_dir).config}"
     if low.model.name != "unet3d_cascade" or low.model.unet3d_cascade.train_stage != "low":
         stage = low.model.unet3d_cascade.train_stage if low.model.name == "unet3d_cascade" else ""
         trained = f"{low.model.name} {stage}".strip()

@@ -49,13 +49,12 @@ from segnet.data.preprocessing import DatasetFingerprint
 from segnet.data.validation import check_cases
 from segnet.errors import UserError
 from segnet.files import atomic_write_text
+from segnet.inference.sliding_window import make_predict_fn
 from segnet.losses import build_loss
 from segnet.models.registry import build_model
 from segnet.run_dir import (
-    CHECKPOINT_DIR,
-    CONFIG_NAME,
-    FINGERPRINT_NAME,
     SPLIT_NAME,
+    RunLayout,
     check_run_dir,
     default_run_dir,
     explain_os_error,
@@ -83,7 +82,7 @@ from segnet.training.preemption import StopRequest
 from segnet.training.progress import EpochStats, Reporter, overlay_panel
 from segnet.training.stage1 import load_stage1_weights
 from segnet.training.step import make_train_step
-from segnet.training.validation import ValidationResult, make_predict_fn, validate
+from segnet.training.validation import ValidationResult, validate
 
 log = logging.getLogger("segnet")
 
@@ -154,12 +153,13 @@ def train(
         UserError: a problem the user can fix (data, run directory, memory, divergence, disk).
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    layout = RunLayout(run_dir)
     log_onednn_status(log)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     cluster = build_strategy(config)
     data = load_training_data(config)
-    check_training_cases(config, data.train, model_spatial_dims(config))
+    check_training_cases(config, data.train, config.spatial_dims)
     check_run_dir(run_dir, config, force)  # fails fast, before the lock creates the folder
     with contextlib.ExitStack() as stack:
         if cluster.is_chief:  # the other workers write only into temporary folders
@@ -170,7 +170,7 @@ def train(
         # Again, now that no other process can be writing the run directory.
         resuming = check_run_dir(run_dir, config, force)
         _log_extension(stored_config(run_dir), config)
-        precision = _session_precision(config, cluster, run_dir / CHECKPOINT_DIR)
+        precision = _session_precision(config, cluster, layout.checkpoints)
         stored = config  # the run directory keeps "auto" as written; the session uses the choice
         config = replace(config, runtime=replace(config.runtime, precision=precision))
         stack.enter_context(precision_policy(precision))
@@ -181,9 +181,9 @@ def train(
         session = _Session(config, cluster, data, run_dir, write_dir.path, stop)
         if cluster.is_chief:
             initialise_run_dir(run_dir, stored)
-            _write_fingerprint(run_dir, data.fingerprint)
-            _write_json(run_dir / SPLIT_NAME, data.split)
-            stack.enter_context(_log_file(run_dir / "train.log"))
+            _write_json(layout.fingerprint, data.fingerprint.to_dict())
+            _write_json(layout.split, data.split)
+            stack.enter_context(_log_file(layout.train_log))
         log.info("%s %s", "resuming" if resuming else "starting", run_dir)
         log.info("%s", describe_split(data.split))  # the data was read before train.log opened
         for warning in data.warnings:  # checked before the run directory existed: log them now
@@ -231,11 +231,6 @@ def _session_precision(
     return precision.name
 
 
-def model_spatial_dims(config: ExperimentConfig) -> int:
-    """2 for a 2D SegNet (trained on axial slices), else 3."""
-    return 2 if config.model.name == "segnet" and config.model.segnet.spatial_dims == 2 else 3
-
-
 def load_training_data(config: ExperimentConfig) -> TrainingData:
     """Reads, checks and preprocesses the training cases and the validation cases used.
 
@@ -272,7 +267,7 @@ def resume_command(run_dir: Path) -> str:
     """The command that resumes ``run_dir`` (its stored config, so nothing can differ)."""
     script = sys.argv[0] if sys.argv else ""
     program = f"python {shlex.quote(script)}" if script.endswith(".py") else "segnet-train"
-    config_path = shlex.quote(str(run_dir / CONFIG_NAME))
+    config_path = shlex.quote(str(RunLayout(run_dir).config))
     return f"{program} --config {config_path} --run-dir {shlex.quote(str(run_dir))}"
 
 
@@ -290,7 +285,7 @@ class _Session:
     ) -> None:
         self.config, self.cluster, self.data = config, cluster, data
         self.run_dir, self.stop = run_dir, stop
-        self.spatial_dims = model_spatial_dims(config)
+        self.spatial_dims = config.spatial_dims
         keras.utils.set_random_seed(config.train.seed)  # weights, dropout: same every run
         self.state = TrainState.create()
         with cluster.strategy.scope():
@@ -302,7 +297,10 @@ class _Session:
         )
         checkpoint = build_checkpoint(self.model, self.optimizer, self.state)
         self.checkpoints = Checkpoints(
-            checkpoint, run_dir / CHECKPOINT_DIR, write_dir / CHECKPOINT_DIR, config.checkpoint.keep
+            checkpoint,
+            RunLayout(run_dir).checkpoints,
+            RunLayout(write_dir).checkpoints,
+            config.checkpoint.keep,
         )
         self.restored = self.checkpoints.restore()
         self.last_saved = self.step if self.restored else -1
@@ -367,11 +365,13 @@ class _Session:
                     return self._stop_here()
         finally:
             self.reporter.close()
-        export_dir = self.run_dir / "export"
-        if first_step == self.step and (export_dir / "saved_model").exists():
+        layout = RunLayout(self.run_dir)
+        if first_step == self.step and layout.saved_model.exists():
             log.info("nothing left to train: %d epochs done", train.epochs)
         elif self.cluster.is_chief:
-            keras_path, saved_path = export_model(self.model, export_dir)
+            keras_path, saved_path = export_model(
+                self.model, layout.exported_keras, layout.saved_model
+            )
             log.info("exported %s and %s", keras_path, saved_path)
         return self._result(interrupted=False)
 
@@ -508,10 +508,6 @@ def _missing_kernel(exc: tf.errors.OpError, config: ExperimentConfig) -> Excepti
         "ops); use auto or float32 on CPUs (mixed_bfloat16 where they have AMX or "
         "AVX512-BF16), mixed_float16 on GPUs"
     )
-
-
-def _write_fingerprint(run_dir: Path, fingerprint: DatasetFingerprint) -> None:
-    _write_json(run_dir / FINGERPRINT_NAME, fingerprint.to_dict())
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:

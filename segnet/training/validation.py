@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import keras
 import numpy as np
 
 from segnet import metrics
@@ -58,16 +57,6 @@ class ValidationResult:
         row.update({f"val_dice_{c}": d for c, d in self.per_class.items()})
         row["val_excluded_empty"] = self.excluded_empty
         return row
-
-
-def make_predict_fn(model: keras.Model) -> Callable[[Any], Any]:
-    """The full-resolution logits of ``model`` in inference mode (output 0 of a list)."""
-
-    def predict(batch: Any) -> Any:
-        outputs = model(batch, training=False)
-        return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-
-    return predict
 
 
 def validation_cases(
