@@ -25,7 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segnet.config import ExperimentConfig, build_config
 from segnet.data.cache import load_or_compute_fingerprint, prepare_cases
 from segnet.data.datasets import load_split
-from segnet.data.validation import validate_cases
+from segnet.data.validation import problems_by_case
+
+
+def all_problems(cases, config) -> list[str]:
+    """Every problem of every case, in order (what check_cases would report)."""
+    return [p for problems in problems_by_case(cases, config).values() for p in problems]
+
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "hippocampus"
 T = TypeVar("T")
@@ -78,7 +84,7 @@ def main() -> int:
         config = make_config(args, cache_dir)
         split = timed("describe + split", lambda: load_split(config.data))
         cases = [*split.train, *split.val]
-        problems = timed(f"validate {len(cases)} cases", lambda: validate_cases(cases, config))
+        problems = timed(f"validate {len(cases)} cases", lambda: all_problems(cases, config))
         print(f"  problems: {len(problems)}", *problems[:5], sep="\n  ")
         for run in ("cold", "warm"):
             fingerprint = timed(

@@ -154,11 +154,6 @@ def dice(pred_mask: np.ndarray, ref_mask: np.ndarray) -> float:
     return dice_from_counts(*confusion_counts(pred_mask, ref_mask))
 
 
-def iou(pred_mask: np.ndarray, ref_mask: np.ndarray) -> float:
-    """IoU (Jaccard index) of two binary masks of the same shape; 1.0 if both are empty."""
-    return iou_from_counts(*confusion_counts(pred_mask, ref_mask))
-
-
 # --- Surfaces -----------------------------------------------------------------------------
 
 

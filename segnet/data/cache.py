@@ -274,12 +274,6 @@ def _discard(root: Path, case_dir: Path, damaged: _Damaged) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def read_info(case: PreprocessedCase) -> PreprocessInfo:
-    """How ``case`` was preprocessed (for :func:`~segnet.data.preprocessing.restore_to_original`)."""
-    path = case.image_path.parent / "info.json"
-    return PreprocessInfo.from_dict(json.loads(path.read_text(encoding="utf-8")))
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------

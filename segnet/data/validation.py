@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +77,12 @@ class CaseContents:
 
 @dataclass(frozen=True)
 class CheckedCases:
-    """The usable cases from :func:`check_cases`, and what each holds."""
+    """The usable cases from :func:`check_cases`, what each holds, and the problems of the
+    cases ``data.skip_bad_cases`` left out."""
 
     cases: list[CaseFiles]
     contents: dict[str, CaseContents]
+    skipped: dict[str, list[str]] = field(default_factory=dict)
 
     def warnings(self, training: Collection[str], num_classes: int) -> list[str]:
         """Data that trains but cannot teach what it should: one message per kind of problem.
@@ -257,23 +259,17 @@ def problems_by_case(
     return {case.case_id: p for case, (p, _) in zip(cases, found) if p}
 
 
-def validate_cases(cases: Sequence[CaseFiles], config: ExperimentConfig | DataConfig) -> list[str]:
-    """Reads every volume of every case and returns all problems found (empty: all usable).
-
-    Checks: files readable and not truncated; 3D (4D only for channels-last images); channel
-    count equals ``data.num_channels``; channel files and label share the first image's shape
-    and affine (within 1e-3 mm); no NaN/inf voxels; label values integers in
-    ``0..num_classes-1``; with ``pad_small_volumes: false``, no volume smaller than the patch.
-    """
-    return [p for problems in problems_by_case(cases, config).values() for p in problems]
-
-
 def check_cases(
     cases: Sequence[CaseFiles],
     config: ExperimentConfig | DataConfig,
     fixes: Fixes = TRAIN_FIXES,
 ) -> CheckedCases:
     """The usable cases; raises unless ``data.skip_bad_cases``, which logs and drops bad ones.
+
+    Checks: files readable and not truncated; 3D (4D only for channels-last images); channel
+    count equals ``data.num_channels``; channel files and label share the first image's shape
+    and affine (within 1e-3 mm); no NaN/inf voxels; label values integers in
+    ``0..num_classes-1``; with ``pad_small_volumes: false``, no volume smaller than the patch.
 
     Args:
         cases: the cases to check; every volume is read once.
@@ -309,4 +305,4 @@ def check_cases(
     )
     if not kept:
         raise DataError(problems, hint="No usable case is left.")
-    return CheckedCases(kept, contents)
+    return CheckedCases(kept, contents, bad)

@@ -96,11 +96,15 @@ def evaluate_run(
     run_dir = Path(run_dir)
     config = loading.load_run_config(run_dir, overrides)
     run_config = config
-    config, cases = evaluation_cases(config, data)
+    config, cases, failures = evaluation_cases(config, data)
     chose_best = cases_that_chose_best(run_config, cases)
     checkpoint, selection = _pick_checkpoint(run_dir, checkpoint, chose_best, len(cases))
     log.info("checkpoint: %s", selection)
-    provenance = {"checkpoint_selection": selection, "cases_that_chose_best": chose_best}
+    provenance = {
+        "checkpoint_selection": selection,
+        "cases_that_chose_best": chose_best,
+        "failures": failures,
+    }
     refs = loading.resolve_checkpoints(run_dir, checkpoint, allow_all=True)
     evaluation_dir = ensure_writable_dir(
         RunLayout(run_dir).evaluation,
@@ -321,8 +325,9 @@ def evaluate_case(predictor: Predictor, case: CaseFiles, out_dir: Path) -> dict[
 # ---------------------------------------------------------------------------------------------
 def evaluation_cases(
     config: ExperimentConfig, data: str | None
-) -> tuple[ExperimentConfig, list[CaseFiles]]:
-    """The config with the data section evaluated on, and its checked labelled cases.
+) -> tuple[ExperimentConfig, list[CaseFiles], list[str]]:
+    """The config with the data section evaluated on, its checked labelled cases, and one line
+    per case left out as unusable (with ``data.skip_bad_cases``).
 
     Raises:
         UserError: ``data`` is neither a YAML file nor a folder, describes other channels or
@@ -349,7 +354,15 @@ def evaluation_cases(
         raise UserError(f"no labelled cases to evaluate in {config.data.root}")
     # Inference pads volumes smaller than the window, so that training-only check is off.
     padded = dataclasses.replace(config.data, pad_small_volumes=True)
-    return config, check_cases(cases, padded, EVALUATE_FIXES).cases
+    checked = check_cases(cases, padded, EVALUATE_FIXES)
+    return (
+        config,
+        checked.cases,
+        [
+            f"{case_id}: left out (data.skip_bad_cases): {'; '.join(problems)}"
+            for case_id, problems in checked.skipped.items()
+        ],
+    )
 
 
 def _held_out(config: ExperimentConfig) -> list[CaseFiles]:

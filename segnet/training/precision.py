@@ -1,11 +1,10 @@
 """Which compute precision to train in: ``runtime.precision: auto`` and its hardware rules.
 
 Mixed precision is only worth it where the hardware runs the low-precision convolutions
-natively; elsewhere TensorFlow emulates them and a step gets much *slower*. Measured with
-``benchmarks/bench_precision.py`` on the hippocampus U-Net: bfloat16 ran 1.50x the float32 step
-rate on an Intel Xeon with AMX, and 0.04x (23 times slower) on an AVX2-only AMD EPYC. So a
-config that says ``mixed_bfloat16`` is fast on one machine and unusable on the next, and
-``auto`` picks per machine:
+natively; elsewhere TensorFlow emulates them and a step gets many times *slower* (the README's
+"Performance on CPUs" has the figures of ``benchmarks/bench_precision.py``). So a config that
+says ``mixed_bfloat16`` is fast on one machine and unusable on the next, and ``auto`` picks per
+machine:
 
 * GPUs, all of compute capability 8.0 or newer (Ampere+): ``mixed_bfloat16`` (tensor cores,
   no loss scaling needed);
@@ -139,7 +138,7 @@ def choose_precision(
         # bfloat16 runs, emulated, at a small fraction of float32's speed.
         warning = (
             f"runtime.precision: mixed_bfloat16 on a {hardware}: TensorFlow emulates bfloat16 "
-            "here, many times slower than float32 (23x measured on an AVX2 CPU); set "
+            "here, many times slower than float32; set "
             "runtime.precision: auto or float32"
         )
         return PrecisionChoice(chosen, f"as configured, on {hardware}, emulated", warning)

@@ -59,15 +59,6 @@ class ValidationResult:
         return row
 
 
-def validation_cases(
-    config: ExperimentConfig, cases: Sequence[PreprocessedCase]
-) -> list[PreprocessedCase]:
-    """The labelled held-out cases, at most ``train.val_max_cases`` (the first by id)."""
-    labelled = sorted((c for c in cases if c.label_path is not None), key=lambda c: c.case_id)
-    limit = config.train.val_max_cases
-    return labelled[:limit] if limit > 0 else labelled
-
-
 def validate(
     predict_fn: Callable[[Any], Any],
     cases: Sequence[PreprocessedCase],
@@ -79,7 +70,7 @@ def validate(
     Args:
         predict_fn: from :func:`make_predict_fn`; keep one per model, since sliding-window
             inference caches its compiled graph per function.
-        cases: the held-out cases, each with a label (see :func:`validation_cases`).
+        cases: the held-out cases used for validation, each with a label.
         config: reads ``window``, ``evaluation`` and ``data.num_classes``.
         spatial_dims: 2 for a model that predicts axial slices (batched a window's depth of
             slices at a time), else 3.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import multiprocessing
 import os
@@ -15,12 +16,18 @@ import pytest
 
 from segnet.config import ExperimentConfig
 from segnet.data import cache, preprocessing
-from segnet.data.cache import load_or_compute_fingerprint, prepare_cases, read_info
+from segnet.data.cache import load_or_compute_fingerprint, prepare_cases
 from segnet.data.case import PreprocessedCase
 from segnet.data.datasets import CaseFiles, describe_dataset
-from segnet.data.preprocessing import preprocess_case, restore_to_original
+from segnet.data.preprocessing import PreprocessInfo, preprocess_case, restore_to_original
 from segnet.data.volumes import read_volume
 from segnet.errors import UserError
+
+
+def read_info(case: PreprocessedCase) -> PreprocessInfo:
+    """How the cache says ``case`` was preprocessed (its ``info.json``)."""
+    path = case.image_path.parent / "info.json"
+    return PreprocessInfo.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _with(config: ExperimentConfig, section: str, **changes) -> ExperimentConfig:

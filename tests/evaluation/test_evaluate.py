@@ -262,6 +262,8 @@ def test_unusable_held_out_case_is_named_or_skipped(
         run, "best", data=str(broken), quiet=True, overrides=["data.skip_bad_cases=true"]
     )["best"]
     assert "case_3" not in skipped["per_case"] and skipped["num_cases"] == len(SHAPES) - 1
+    (failure,) = skipped["failures"]  # the left-out case is recorded, not only logged
+    assert failure.startswith("case_3: left out") and "label values [7]" in failure
 
 
 def _label_beyond_the_classes(dataset: Path, copy: Path) -> Path:
