@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segnet.config import ExperimentConfig, build_config
 from segnet.data.cache import load_or_compute_fingerprint, prepare_cases
+from segnet.data.checks import problems_by_case
 from segnet.data.datasets import load_split
-from segnet.data.validation import problems_by_case
 
 
 def all_problems(cases, config) -> list[str]:

@@ -8,7 +8,6 @@ status 2 and no traceback; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import sys
@@ -19,6 +18,7 @@ from typing import NoReturn
 
 from segnet._tf_env import native_log_filter
 from segnet.errors import UserError
+from segnet.files import WRITE_ERRORS, describe_write_error
 
 EXIT_USAGE = 2
 log = logging.getLogger("segnet")
@@ -87,14 +87,13 @@ def _report_user_errors(
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_status
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM):
+        if exc.errno not in WRITE_ERRORS:
             raise
         if args.debug:
             traceback.print_exc()
-        where = f"{exc.filename}: " if exc.filename else ""
-        fix = "free some space" if exc.errno == errno.ENOSPC else "fix the permissions"
+        where = exc.filename or "a file"
         print(
-            f"{prog}: error: {where}{exc.strerror}; {fix} or choose another directory",
+            f"{prog}: error: {describe_write_error(exc, where, 'another directory')}",
             file=sys.stderr,
         )
         return EXIT_USAGE

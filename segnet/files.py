@@ -11,6 +11,7 @@ usually readable by the user's group), not the owner-only mode of ``tempfile.mks
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import uuid
@@ -73,6 +74,26 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
 def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
     """Writes ``text`` as UTF-8 to ``path``; readers see the old or the new file, never half."""
     atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
+WRITE_ERRORS = (*_NO_SPACE, *_NO_PERMISSION)  # the failures a user fixes, not a bug of ours
+
+
+def describe_write_error(exc: OSError, path: Path | str, elsewhere: str) -> str:
+    """The one phrasing of a failed write, for every writer: where, what, and the fix.
+
+    Args:
+        exc: the error.
+        path: the file or folder being written.
+        elsewhere: the alternative to offer, e.g. "another --run-dir".
+    """
+    if exc.errno in _NO_SPACE:
+        return f"{path}: no space left on the device; free some space or choose {elsewhere}"
+    if exc.errno in _NO_PERMISSION:
+        return f"{path}: not writable ({exc.strerror}); fix the permissions or choose {elsewhere}"
+    return f"{path}: {exc.strerror or exc}; choose {elsewhere}"
 
 
 def ensure_writable_dir(path: Path, what: str, fix: str) -> Path:

@@ -44,7 +44,7 @@ from segnet.config import (
     read_yaml,
 )
 from segnet.errors import ConfigError, RunDirError
-from segnet.files import TEMPORARY_PREFIX, FolderLock, atomic_write_text
+from segnet.files import TEMPORARY_PREFIX, FolderLock, atomic_write_text, describe_write_error
 
 CONFIG_NAME = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -138,18 +138,9 @@ def default_run_dir(config: ExperimentConfig) -> Path:
 
 
 def explain_os_error(exc: OSError, path: Path) -> RunDirError:
-    """One sentence for the usual ways a run directory write fails."""
-    if exc.errno == errno.ENOSPC:
-        return RunDirError(
-            f"{path}: no space left on the device; free some space or choose "
-            "another --run-dir (existing checkpoints were kept)"
-        )
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return RunDirError(
-            f"{path}: not writable ({exc.strerror}); fix the permissions or "
-            "choose another --run-dir"
-        )
-    return RunDirError(f"{path}: {exc.strerror or exc}")
+    """A failed write into a run directory, in the project's one phrasing."""
+    kept = " (existing checkpoints were kept)" if exc.errno == errno.ENOSPC else ""
+    return RunDirError(describe_write_error(exc, path, "another --run-dir") + kept)
 
 
 def stored_config(run_dir: Path, flag: str = "--run-dir") -> ExperimentConfig | None:

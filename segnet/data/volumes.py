@@ -21,7 +21,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from segnet.errors import DataError, UserError
-from segnet.files import atomic_output
+from segnet.files import atomic_output, describe_write_error
 
 # Everything nibabel, gzip and zlib raise for a file that is not a readable NIfTI volume.
 _READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error, MemoryError)
@@ -374,9 +374,7 @@ def write_volume(
     except OSError as exc:
         if exc.errno in _UNWRITABLE:
             raise UserError(
-                f"cannot write {path}: folder {path.parent} is not writable "
-                f"({exc.strerror}); fix its permissions or free space, or choose "
-                "another output folder"
+                describe_write_error(exc, path.parent, "another output folder")
             ) from None
         raise
     return path

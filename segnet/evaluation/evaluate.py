@@ -48,8 +48,8 @@ import numpy as np
 
 from segnet.config import ExperimentConfig, SplitConfig, config_to_dict, load_config
 from segnet.console import progress_bar
+from segnet.data.checks import EVALUATE_FIXES, check_cases
 from segnet.data.datasets import CaseFiles, dataset_root, describe_dataset, load_split
-from segnet.data.validation import EVALUATE_FIXES, check_cases
 from segnet.data.volumes import read_volume
 from segnet.errors import ConfigError, UserError
 from segnet.evaluation import report

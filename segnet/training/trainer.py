@@ -43,10 +43,10 @@ from segnet.config import ExperimentConfig
 from segnet.console import is_interactive
 from segnet.data.cache import load_or_compute_fingerprint, prepare_cases
 from segnet.data.case import PreprocessedCase
+from segnet.data.checks import check_cases
 from segnet.data.datasets import load_split
 from segnet.data.pipeline import build_dataset, check_training_cases, describe_pipeline
 from segnet.data.preprocessing import DatasetFingerprint
-from segnet.data.validation import check_cases
 from segnet.errors import UserError
 from segnet.files import atomic_write_text
 from segnet.inference.sliding_window import make_predict_fn
@@ -71,6 +71,7 @@ from segnet.training.checkpoints import (
 )
 from segnet.training.distribute import Cluster, WriteDir, build_strategy, synchronize_batchnorm
 from segnet.training.export import export_model
+from segnet.training.held_out import ValidationResult, validate
 from segnet.training.optimizers import build_optimizer
 from segnet.training.precision import (
     Precision,
@@ -82,7 +83,6 @@ from segnet.training.preemption import StopRequest
 from segnet.training.progress import EpochStats, Reporter, overlay_panel
 from segnet.training.stage1 import load_stage1_weights
 from segnet.training.step import make_train_step
-from segnet.training.validation import ValidationResult, validate
 
 log = logging.getLogger("segnet")
 

@@ -1,4 +1,4 @@
-"""Tests for segnet.training.validation: whole-volume Dice of held-out cases."""
+"""Tests for segnet.training.held_out: whole-volume Dice of held-out cases."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from segnet.config import build_config
 from segnet.data.case import PreprocessedCase
-from segnet.training.validation import present_class_dice, validate
+from segnet.training.held_out import present_class_dice, validate
 
 NUM_CLASSES = 3
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from segnet.config import DataConfig, build_config
+from segnet.data.checks import EVALUATE_FIXES, check_cases, problems_by_case
 from segnet.data.datasets import CaseFiles, describe_dataset
-from segnet.data.validation import EVALUATE_FIXES, check_cases, problems_by_case
 from segnet.data.volumes import make_geometry, read_geometry, write_volume
 from segnet.errors import DataError
 

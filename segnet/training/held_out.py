@@ -1,4 +1,4 @@
-"""Validation during training: whole held-out volumes, sliding-window inference, per-class Dice.
+"""Held-out Dice during training: whole volumes, sliding-window inference, per-class Dice.
 
 Patches flatter a model (they are drawn near the foreground); whole volumes are what
 evaluation and users see, so validation predicts every held-out case completely with the same
