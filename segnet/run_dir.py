@@ -6,8 +6,9 @@ Layout::
       config.yaml            the resolved experiment (defaults filled in)
       fingerprint.json       dataset statistics that inference must reuse
       checkpoints/           tf.train checkpoints (latest K) and checkpoints/best/
-      logs/                  TensorBoard event files
+      logs/                  TensorBoard event files (with the tensorboard package installed)
       metrics.csv            one row per epoch
+      progress.png           loss, learning rate, validation Dice, step rate, redrawn per epoch
       train.log              the text log
       export/model.keras     the final Keras model
       export/saved_model/    the final TensorFlow SavedModel (loads without segnet)
