@@ -8,9 +8,9 @@
       fingerprint.json       dataset statistics that inference must reuse
       split.json             which cases trained, validated (chose best), were held out, skipped
       checkpoints/           tf.train checkpoints (latest K) and checkpoints/best/
-      logs/                  TensorBoard event files
+      logs/                  TensorBoard event files (with the tensorboard package installed)
       metrics.csv            one row per epoch
-      progress.png           loss, learning rate, validation Dice and speed against steps
+      progress.png           loss, learning rate, validation Dice, step rate, redrawn per epoch
       train.log              the text log
       export/model.keras     the final Keras model
       export/saved_model/    the final TensorFlow SavedModel (loads without segnet)

@@ -104,6 +104,17 @@ def dataset_root(data: DataConfig) -> Path:
     return root
 
 
+def dataset_class_names(data: DataConfig) -> dict[int, str]:
+    """Label names from the dataset's ``dataset.json`` (MSD or nnU-Net v2 style), if any."""
+    try:
+        info = json.loads((dataset_root(data) / "dataset.json").read_text("utf-8"))
+        labels = info.get("labels") or {}
+        pairs = [(v, k) if isinstance(v, int) else (k, v) for k, v in labels.items()]
+        return {int(label): str(name) for label, name in pairs}
+    except (OSError, ValueError, TypeError, AttributeError, DataError):
+        return {}  # names only decorate tables and pictures
+
+
 def describe_dataset(data: DataConfig, subset: Subset = "train") -> list[CaseFiles]:
     """The cases of ``data.root`` in ``data.format``, checked for missing and duplicate files.
 

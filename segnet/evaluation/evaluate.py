@@ -35,7 +35,6 @@ meanwhile). A summary table is printed; with
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -49,7 +48,7 @@ import numpy as np
 from segnet.config import ExperimentConfig, SplitConfig, config_to_dict, load_config
 from segnet.console import progress_bar
 from segnet.data.checks import EVALUATE_FIXES, check_cases
-from segnet.data.datasets import CaseFiles, dataset_root, describe_dataset, load_split
+from segnet.data.datasets import CaseFiles, dataset_class_names, describe_dataset, load_split
 from segnet.data.volumes import read_volume
 from segnet.errors import ConfigError, UserError
 from segnet.evaluation import report
@@ -111,7 +110,7 @@ def evaluate_run(
         "evaluation folder",
         "fix the permissions of the run directory",
     )
-    class_names = dataset_class_names(config)
+    class_names = dataset_class_names(config.data)
     results: dict[str, Any] = {}
     with _hold(evaluation_dir):
         recover_interrupted(evaluation_dir)
@@ -160,7 +159,7 @@ def evaluate_checkpoint(
         per_case: dict[str, dict[int, ClassMetrics]] = {}
         bar = progress_bar(cases, desc=f"Evaluating {ref.name}", unit="case", quiet=quiet)
         for case in bar:
-            per_case[case.case_id] = evaluate_case(predictor, case, staging)
+            per_case[case.case_id] = evaluate_case(predictor, case, staging, class_names)
         document = report.metrics_document(
             config=config_to_dict(config),
             checkpoint=ref.path,
@@ -296,8 +295,15 @@ def evaluation_folder_name(checkpoint_name: str, data: str | None) -> str:
     return f"{checkpoint_name}-on-{name}"
 
 
-def evaluate_case(predictor: Predictor, case: CaseFiles, out_dir: Path) -> dict[int, ClassMetrics]:
+def evaluate_case(
+    predictor: Predictor,
+    case: CaseFiles,
+    out_dir: Path,
+    class_names: dict[int, str] | None = None,
+) -> dict[int, ClassMetrics]:
     """Predicts one labelled case, writes its prediction and montage, and scores it.
+
+    ``class_names`` label the montage's legend.
 
     Returns:
         ``{foreground class: ClassMetrics}`` on the original grid, in mm.
@@ -310,7 +316,7 @@ def evaluate_case(predictor: Predictor, case: CaseFiles, out_dir: Path) -> dict[
     write_segmentation(out_dir / "predictions", case.case_id, segmentation, geometry)
     if config.evaluation.montage:
         montage = out_dir / "montages" / f"{case.case_id}.png"
-        write_montage(montage, image, segmentation.labels, label, geometry.orientation)
+        write_montage(montage, image, segmentation.labels, label, geometry.orientation, class_names)
     return compute_case_metrics(
         segmentation.labels,
         label,
@@ -397,14 +403,3 @@ def _data_from_folder(path: Path, config: ExperimentConfig) -> Any:
         synthetic=False,
         split=SplitConfig(),
     )
-
-
-def dataset_class_names(config: ExperimentConfig) -> dict[int, str]:
-    """Label names from the dataset's ``dataset.json`` (MSD or nnU-Net v2 style), if any."""
-    try:
-        info = json.loads((dataset_root(config.data) / "dataset.json").read_text("utf-8"))
-        labels = info.get("labels") or {}
-        pairs = [(v, k) if isinstance(v, int) else (k, v) for k, v in labels.items()]
-        return {int(label): str(name) for label, name in pairs}
-    except (OSError, ValueError, TypeError, AttributeError, UserError):
-        return {}  # names only decorate the tables

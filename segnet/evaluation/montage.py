@@ -1,47 +1,44 @@
 """PNG montages of a case: image, ground truth and prediction on representative axial slices.
 
-numpy and zlib only (matplotlib is not a dependency): the montage is assembled as an RGB uint8
-array and written by a minimal PNG encoder. The volumes are first turned to the usual axial
-view from their orientation codes (``Geometry.orientation``): slices inferior to superior, rows
-anterior (top) to posterior, columns from the patient's right to left (radiological display).
-For ``n`` chosen slices of ``(rows, columns)`` voxels, each drawn ``zoom`` times larger::
+The volumes are first turned to the usual axial view from their orientation codes
+(``Geometry.orientation``): slices inferior to superior, rows anterior (top) to posterior,
+columns from the patient's right to left (radiological display). For ``n`` chosen slices of
+``(rows, columns)`` voxels, each drawn ``zoom`` times larger, :func:`build_montage` assembles::
 
     row i (slice i):  [ image | image + ground truth | image + prediction ]
 
-so the PNG is ``n * zoom * rows`` pixels high and ``3 * zoom * columns`` wide (two columns of
+an RGB array ``n * zoom * rows`` pixels high and ``3 * zoom * columns`` wide (two columns of
 panels when there is no ground truth). Voxels are drawn square whatever the in-plane spacing.
+:func:`render_montage` frames it, pixel for pixel, with a title (the case and its slices),
+the column titles, the slice of each row and a legend of the class colours with their names;
+:func:`montage_frame` gives that frame's size.
 """
 
 from __future__ import annotations
 
 import math
-import struct
-import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+from matplotlib.figure import Figure
 
 from segnet.files import atomic_write_bytes
+from segnet.visuals import class_name, legend_handles, overlay_strip, render_png, to_grey
 
-# Class colours (RGB) for labels 1, 2, ...; background is not drawn. Chosen to stay distinct
-# on a grey image; labels beyond the table reuse it cyclically.
-PALETTE = np.array(
-    [
-        (230, 25, 75),
-        (60, 180, 75),
-        (255, 225, 25),
-        (0, 130, 200),
-        (245, 130, 48),
-        (145, 30, 180),
-        (70, 240, 240),
-        (240, 50, 230),
-    ],
-    dtype=np.float32,
-)
-OVERLAY_ALPHA = 0.45
 MIN_SLICE_PIXELS = 128  # small slices (e.g. 36x50 hippocampus) are enlarged to about this
 AXIAL_VIEW = ("S", "P", "L")  # (slices, rows, columns) of the displayed arrays
+# The frame around the montage, in pixels.
+TITLE_HEIGHT = 26  # the case and its slices
+HEADER_HEIGHT = 18  # image / reference / prediction
+ROW_LABEL_WIDTH = 18  # the slice of each row, written upwards
+MARGIN = 6
+LEGEND_ROW_HEIGHT = 20
+MIN_WIDTH = 320  # room for the title and the legend beside small montages
+LEGEND_CHAR_PIXELS = 7  # a generous estimate of one legend character at font size 9
 
 
 def axial_view(volume: np.ndarray, orientation: tuple[str, ...] | None) -> np.ndarray:
@@ -86,42 +83,6 @@ def representative_slices(label: np.ndarray, count: int = 3) -> list[int]:
     return sorted(int(i) for i in order[:count] if per_slice[i] > 0) or [int(order[0])]
 
 
-def to_grey(image: np.ndarray) -> np.ndarray:
-    """Intensities scaled to [0, 255] between the 0.5th and 99.5th percentiles.
-
-    Args:
-        image: (slices, rows, columns) float array, one channel.
-
-    Returns:
-        float32 array of the same shape in [0, 255].
-    """
-    finite = image[np.isfinite(image)]
-    if finite.size == 0:
-        return np.zeros(image.shape, np.float32)
-    low, high = np.percentile(finite, (0.5, 99.5))
-    scale = 255.0 / (high - low) if high > low else 0.0
-    grey = (np.nan_to_num(image, nan=low) - low) * scale
-    return np.clip(grey, 0.0, 255.0).astype(np.float32)
-
-
-def overlay(grey: np.ndarray, label: np.ndarray | None) -> np.ndarray:
-    """A grey slice as RGB with the labels' colours blended in.
-
-    Args:
-        grey: (height, width) floats in [0, 255].
-        label: (height, width) integer labels, or None for the bare image.
-
-    Returns:
-        (height, width, 3) uint8 RGB.
-    """
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    if label is not None:
-        mask = label > 0
-        colours = PALETTE[(label[mask].astype(np.int64) - 1) % len(PALETTE)]
-        rgb[mask] = (1.0 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * colours
-    return np.clip(rgb.round(), 0, 255).astype(np.uint8)
-
-
 def zoom_factor(height: int, width: int) -> int:
     """Integer enlargement that brings the smaller slice side to about ``MIN_SLICE_PIXELS``."""
     return max(1, math.ceil(MIN_SLICE_PIXELS / max(1, min(height, width))))
@@ -157,40 +118,102 @@ def build_montage(
     grey = to_grey(image)
     overlays = ([None, label] if label is not None else [None]) + [prediction]
     strips = [
-        np.concatenate([overlay(grey[z], None if o is None else o[z]) for o in overlays], axis=1)
-        for z in slices
+        overlay_strip(grey[z], [None if o is None else o[z] for o in overlays]) for z in slices
     ]
     zoom = zoom_factor(*image.shape[1:])
     montage = np.concatenate(strips, axis=0)
     return np.repeat(np.repeat(montage, zoom, axis=0), zoom, axis=1)
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
-    """A PNG file holding an 8-bit RGB or greyscale image.
+@dataclass(frozen=True)
+class MontageFrame:
+    """Where :func:`render_montage` puts the montage array, in pixels.
+
+    Attributes:
+        width: of the PNG.
+        height: of the PNG.
+        left: columns left of the montage.
+        top: rows above the montage.
+        legend_columns: legend entries per line.
+    """
+
+    width: int
+    height: int
+    left: int
+    top: int
+    legend_columns: int
+
+
+def montage_frame(montage_height: int, montage_width: int, legend: list[str]) -> MontageFrame:
+    """The frame of a ``montage_height`` x ``montage_width`` montage with ``legend`` entries."""
+    width = max(ROW_LABEL_WIDTH + montage_width + MARGIN, MIN_WIDTH)
+    entry = 30 + LEGEND_CHAR_PIXELS * max((len(text) for text in legend), default=0)
+    columns = max(1, min(len(legend), (width - 2 * MARGIN) // entry))
+    legend_height = math.ceil(len(legend) / columns) * LEGEND_ROW_HEIGHT + MARGIN
+    top = TITLE_HEIGHT + HEADER_HEIGHT
+    # Small montages sit in the middle of the minimum width.
+    left = ROW_LABEL_WIDTH + (width - ROW_LABEL_WIDTH - MARGIN - montage_width) // 2
+    height = top + montage_height + (legend_height if legend else MARGIN)
+    return MontageFrame(width, height, left, top, columns)
+
+
+def render_montage(
+    rgb: np.ndarray,
+    title: str,
+    columns: list[str],
+    rows: list[str],
+    labels: list[int],
+    names: Mapping[int, str] | None = None,
+) -> bytes:
+    """The PNG of a montage array in its frame (see :func:`montage_frame`).
 
     Args:
-        rgb: (height, width, 3) or (height, width) uint8.
+        rgb: (height, width, 3) uint8 from :func:`build_montage`; copied unscaled.
+        title: the line above it.
+        columns: one title per panel column, left to right.
+        rows: one label per row of panels, top to bottom.
+        labels: the foreground labels the legend shows, in its order.
+        names: label -> class name, for the labels the dataset names.
 
     Returns:
-        The PNG bytes (no filtering, zlib level 6), readable by any decoder.
+        The PNG bytes, ``montage_frame(...).width`` x ``.height`` pixels.
     """
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    height, width = rgb.shape[:2]
-    colour_type = 2 if rgb.ndim == 3 else 0  # 2: truecolour RGB, 0: greyscale
-    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
-    # Each scanline is prefixed by its filter type; 0 means "none".
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), rgb.reshape(height, -1)], axis=1)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
-        + _chunk(b"IEND", b"")
-    )
+    handles = legend_handles(labels, names)
+    frame = montage_frame(rgb.shape[0], rgb.shape[1], [class_name(c, names) for c in labels])
+    width, height = frame.width, frame.height
+    panel_width, row_height = rgb.shape[1] / len(columns), rgb.shape[0] / len(rows)
 
+    def draw(figure: Figure) -> None:
+        def text(x: float, y_from_top: float, words: str, **style: Any) -> None:
+            figure.text(
+                x / width, 1 - y_from_top / height, words, ha="center", va="center", **style
+            )
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+        # figimage copies the array pixel for pixel: no resampling blurs the voxels.
+        figure.figimage(rgb, xo=frame.left, yo=height - frame.top - rgb.shape[0], origin="upper")
+        text(width / 2, TITLE_HEIGHT / 2, title, fontsize=11, fontweight="bold")
+        for i, name in enumerate(columns):
+            text(frame.left + (i + 0.5) * panel_width, TITLE_HEIGHT + HEADER_HEIGHT / 2, name)
+        for i, name in enumerate(rows):
+            text(
+                ROW_LABEL_WIDTH / 2 + 1,
+                frame.top + (i + 0.5) * row_height,
+                name,
+                fontsize=8,
+                rotation=90,
+            )
+        if handles:
+            figure.legend(
+                handles=handles,
+                loc="lower center",
+                ncol=frame.legend_columns,
+                frameon=False,
+                fontsize=9,
+                handlelength=1.4,
+                borderaxespad=0.3,
+            )
+
+    return render_png(width, height, draw)
 
 
 def write_montage(
@@ -199,6 +222,8 @@ def write_montage(
     prediction: np.ndarray,
     label: np.ndarray | None = None,
     orientation: tuple[str, ...] | None = None,
+    class_names: Mapping[int, str] | None = None,
+    case_id: str | None = None,
 ) -> tuple[int, int]:
     """Builds the montage of one case and writes it atomically as a PNG.
 
@@ -209,14 +234,26 @@ def write_montage(
         label: (i, j, k) integer ground truth, or None.
         orientation: axis codes of (i, j, k) (``Geometry.orientation``) for the axial view;
             None takes axis 0 as the slice axis and axes 1 and 2 as rows and columns.
+        class_names: label -> name (``dataset.json``); the legend lists every named
+            foreground class and any other label the slices shown hold.
+        case_id: the title; default the file name without ``.png``.
 
     Returns:
         ``(height, width)`` of the written image in pixels.
     """
     if image.ndim == 4:
         image = image[..., 0]
-    views = [None if v is None else axial_view(v, orientation) for v in (image, prediction, label)]
-    rgb = build_montage(*views)  # type: ignore[arg-type]
+    intensities, predicted = axial_view(image, orientation), axial_view(prediction, orientation)
+    reference = None if label is None else axial_view(label, orientation)
+    slices = representative_slices(reference if reference is not None else predicted)
+    rgb = build_montage(intensities, predicted, reference, slices)
+    columns = ["image", "reference", "prediction"] if label is not None else ["image", "prediction"]
+    # The slices shown are enough, and np.unique of a whole CT volume would take a second.
+    shown = {int(c) for v in (predicted, reference) if v is not None for c in np.unique(v[slices])}
+    labels = sorted((shown | set(class_names or {})) - {0})
+    title = f"{case_id or Path(path).stem}: axial slices {', '.join(map(str, slices))}"
+    png = render_montage(rgb, title, columns, [f"slice {z}" for z in slices], labels, class_names)
     # A viewer polling the folder must never open half a PNG.
-    atomic_write_bytes(Path(path), encode_png(rgb), fsync=False)
-    return rgb.shape[0], rgb.shape[1]
+    atomic_write_bytes(Path(path), png, fsync=False)
+    frame = montage_frame(rgb.shape[0], rgb.shape[1], [class_name(c, class_names) for c in labels])
+    return frame.height, frame.width

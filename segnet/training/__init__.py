@@ -10,5 +10,6 @@ modules, in the order the loop uses them:
 * ``preemption``: SIGINT/SIGTERM become a save-and-stop at the next step boundary.
 * ``validation``: sliding-window inference on whole held-out volumes, per-class Dice.
 * ``progress``: progress bars, the epoch log line, metrics.csv, TensorBoard.
+* ``progress_plot``: ``progress.png``, the run's curves drawn from metrics.csv.
 * ``export``: ``model.keras`` and a SavedModel that loads without segnet.
 """

@@ -1,4 +1,4 @@
-"""What the user sees of a training run: progress bars, the epoch log line, metrics.csv, TensorBoard.
+"""What the user sees of a training run: bars, the epoch log line, metrics.csv, plots, TensorBoard.
 
 * A tqdm bar per epoch with the running loss, the running Dice of the training patches,
   steps per second and the share of each step spent waiting for data. Hidden with ``--quiet``
@@ -7,36 +7,36 @@
 * ``metrics.csv``: one row per epoch. On resume the rows of epochs that will be trained again
   are dropped first, so the file never holds an epoch twice, and a file with other columns (a
   run of an older version) is rewritten with the current ones, old cells kept.
+* ``progress.png``: loss, learning rate, validation Dice per class and step rate against the
+  step, redrawn from metrics.csv after every epoch (``segnet.training.progress_plot``).
 * TensorBoard in ``<run_dir>/logs``: training loss, learning rate, gradient norm, validation
   Dice per class, and an image of one validation slice with ground-truth and prediction
-  overlays.
+  overlays. Written with ``tf.summary``, whose scalar and image writers come with the
+  ``tensorboard`` package; without it the logs are skipped, and the log says how to get them.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
 
 from segnet.console import progress_bar
-from segnet.files import atomic_write_text
+from segnet.files import atomic_write_bytes, atomic_write_text
+from segnet.run_dir import RunLayout
+from segnet.training.progress_plot import progress_png
+from segnet.visuals import overlay_strip, to_grey
 
 log = logging.getLogger("segnet")
-
-# Overlay colours of classes 1, 2, ... (class 0, background, is not drawn); cycled beyond.
-PALETTE = np.array(
-    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]],
-    dtype=np.float32,
-)
-OVERLAY_ALPHA = 0.45
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class MetricsCsv:
         self._truncate(first_epoch)
 
     def _truncate(self, first_epoch: int) -> None:
-        rows = self._read()
+        rows = self.rows()
         kept = [row for row in rows if _epoch_of(row) < first_epoch]
         if rows and len(kept) == len(rows) and self._header_matches():
             return
@@ -184,7 +184,8 @@ class MetricsCsv:
         writer.writerows(kept)
         atomic_write_text(self.path, buffer.getvalue())
 
-    def _read(self) -> list[dict[str, str]]:
+    def rows(self) -> list[dict[str, str]]:
+        """The rows in the file, as strings (none when there is no file)."""
         if not self.path.exists():
             return []
         with self.path.open(newline="", encoding="utf-8") as handle:
@@ -217,81 +218,71 @@ def _format(value: Any) -> Any:
 # TensorBoard
 # ---------------------------------------------------------------------------------------------
 class Summaries:
-    """TensorBoard event files in ``logdir``; a no-op when ``logdir`` is None (non-chief).
+    """TensorBoard event files in ``logdir``, written with ``tf.summary``.
 
-    Written with ``tf.summary.write`` and the scalar/image plugins' metadata, the format
-    ``tensorboard.summary`` produces, so writing needs TensorFlow only; viewing needs the
-    ``tensorboard`` package.
+    A no-op when ``logdir`` is None (a non-chief worker) or when the ``tensorboard`` package
+    is missing: TensorFlow's ``tf.summary.scalar`` and ``tf.summary.image`` are implemented
+    there, and without it the logs could not be viewed either.
     """
 
     def __init__(self, logdir: Path | None) -> None:
-        self._writer = (
-            tf.summary.create_file_writer(str(logdir))
-            if logdir is not None
-            else tf.summary.create_noop_writer()
-        )
+        self._writer = None
+        if logdir is not None and tensorboard_installed():
+            self._writer = tf.summary.create_file_writer(str(logdir))
+        elif logdir is not None:
+            log.info(
+                "TensorBoard logs are off: the tensorboard package is not installed (pip "
+                'install tensorboard, or pip install -e ".[tensorboard]"); metrics.csv and '
+                "progress.png are written as usual"
+            )
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is None:
+            return
         with self._writer.as_default(step=step):
             for name, value in values.items():
-                tf.summary.write(name, tf.constant(value, tf.float32), metadata=_SCALAR)
+                tf.summary.scalar(name, value)
 
     def image(self, step: int, name: str, rgb: np.ndarray) -> None:
         """``rgb``: uint8 (height, width, 3)."""
-        height, width = rgb.shape[:2]
-        png = tf.image.encode_png(rgb)
-        tensor = tf.stack([tf.as_string(width), tf.as_string(height), png])
+        if self._writer is None:
+            return
         with self._writer.as_default(step=step):
-            tf.summary.write(name, tensor, metadata=_IMAGE)
+            tf.summary.image(name, rgb[np.newaxis])
 
     def flush(self) -> None:
-        self._writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
-def _plugin_metadata(plugin: str) -> summary_pb2.SummaryMetadata:
-    return summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin)
-    )
-
-
-_SCALAR = _plugin_metadata("scalars")
-_IMAGE = _plugin_metadata("images")
+def tensorboard_installed() -> bool:
+    """Whether the ``tensorboard`` package, which implements ``tf.summary.scalar``, is there."""
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def overlay_panel(image: np.ndarray, label: np.ndarray, prediction: np.ndarray) -> np.ndarray:
     """Image | ground-truth overlay | prediction overlay, side by side.
 
     Args:
-        image: float (height, width), any range (scaled to its 1st-99th percentile).
+        image: float (height, width), any range (scaled to its 0.5th-99.5th percentile).
         label: int (height, width) ground truth.
         prediction: int (height, width).
 
     Returns:
         uint8 (height, 3 * width, 3).
     """
-    low, high = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
-    gray = np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255
-    rgb = np.repeat(gray[..., np.newaxis], 3, axis=-1).astype(np.float32)
-    panels = [rgb, _overlay(rgb, label), _overlay(rgb, prediction)]
-    return np.concatenate(panels, axis=1).round().astype(np.uint8)
-
-
-def _overlay(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    out = rgb.copy()
-    mask = labels > 0
-    colours = PALETTE[(labels[mask] - 1) % len(PALETTE)]
-    out[mask] = (1 - OVERLAY_ALPHA) * out[mask] + OVERLAY_ALPHA * colours
-    return out
+    return overlay_strip(to_grey(image), [None, label, prediction])
 
 
 # ---------------------------------------------------------------------------------------------
 # Everything together
 # ---------------------------------------------------------------------------------------------
 class Reporter:
-    """Bars, log lines, metrics.csv and TensorBoard for one run.
+    """Bars, log lines, metrics.csv, progress.png and TensorBoard for one run.
 
     Args:
         run_dir: the run directory, or None on a worker that must not write it.
@@ -299,6 +290,7 @@ class Reporter:
         first_epoch: the 0-based epoch the run starts (or resumes) in.
         log_every: TensorBoard cadence of the per-step scalars, in steps.
         show_bars: whether tqdm bars are drawn (see :func:`is_interactive`).
+        class_names: label -> class name (``dataset.json``), for the plot's legend.
     """
 
     def __init__(
@@ -308,14 +300,16 @@ class Reporter:
         first_epoch: int,
         log_every: int,
         show_bars: bool,
+        class_names: Mapping[int, str] | None = None,
     ) -> None:
+        self.class_names = class_names
         self.num_classes = num_classes
         self.log_every = log_every
         self.show_bars = show_bars
-        self.csv = (
-            MetricsCsv(run_dir / "metrics.csv", num_classes, first_epoch + 1) if run_dir else None
-        )
-        self.summaries = Summaries(run_dir / "logs" if run_dir else None)
+        layout = RunLayout(run_dir) if run_dir else None
+        self.progress_path = layout.progress_png if layout else None
+        self.csv = MetricsCsv(layout.metrics_csv, num_classes, first_epoch + 1) if layout else None
+        self.summaries = Summaries(layout.logs if layout else None)
         self._bar: EpochBar | None = None
 
     def start_epoch(self, epoch: int, epochs: int, steps: int, done: int) -> EpochStats:
@@ -338,7 +332,7 @@ class Reporter:
         validation: dict[str, float] | None,
         learning_rate: float,
     ) -> None:
-        """The epoch's log line, its metrics.csv row and its TensorBoard scalars."""
+        """The epoch's log line, its metrics.csv row, progress.png and TensorBoard scalars."""
         self.close_bar()
         log.info(epoch_line(epoch, epochs, step, stats, validation))
         row: dict[str, Any] = {
@@ -352,13 +346,23 @@ class Reporter:
             "seconds": stats.elapsed,
             **(validation or {}),
         }
-        if self.csv is not None:
+        if self.csv is not None and self.progress_path is not None:
             self.csv.append(row)
+            self._write_progress(self.csv, self.progress_path)
         scalars = {"epoch/loss": stats.loss, "epoch/train_dice": stats.dice}
         scalars["epoch/data_wait"] = stats.data_wait
         scalars.update({f"val/{k.removeprefix('val_')}": v for k, v in (validation or {}).items()})
         self.summaries.scalars(step, scalars)
         self.summaries.flush()
+
+    def _write_progress(self, metrics: MetricsCsv, path: Path) -> None:
+        """Redraws progress.png from every row of metrics.csv (those of earlier sessions too)."""
+        try:
+            png = progress_png(metrics.rows(), metrics.path.parent.name, self.class_names)
+        except Exception as exc:  # a picture must never stop a long run; the csv has it all
+            log.warning("%s not updated: %s: %s", path, type(exc).__name__, exc)
+            return
+        atomic_write_bytes(path, png, fsync=False)  # cheap to redraw: no fsync
 
     def close_bar(self) -> None:
         if self._bar is not None:

@@ -12,7 +12,7 @@ Read top to bottom, :func:`train` does:
    uninterrupted one would.
 5. Train epoch by epoch; at each epoch's end validate on whole held-out volumes (every
    ``train.val_every`` epochs and at the last), keep the best checkpoint, save the latest,
-   write metrics.csv and TensorBoard.
+   write metrics.csv, progress.png and TensorBoard.
 6. Export ``model.keras`` and a SavedModel.
 
 Stopping: SIGINT/SIGTERM save a checkpoint at the next step boundary and return normally with
@@ -44,7 +44,7 @@ from segnet.console import is_interactive
 from segnet.data.cache import load_or_compute_fingerprint, prepare_cases
 from segnet.data.case import PreprocessedCase
 from segnet.data.checks import check_cases
-from segnet.data.datasets import load_split
+from segnet.data.datasets import dataset_class_names, load_split
 from segnet.data.pipeline import build_dataset, check_training_cases, describe_pipeline
 from segnet.data.preprocessing import DatasetFingerprint
 from segnet.errors import UserError
@@ -350,6 +350,7 @@ class _Session:
             first_epoch=int(self.state.epochs_done),
             log_every=self.config.runtime.log_every_steps,
             show_bars=is_interactive(quiet) and self.cluster.is_chief,
+            class_names=dataset_class_names(self.config.data),
         )
         train = self.config.train
         first_step = self.step

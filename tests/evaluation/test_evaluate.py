@@ -190,9 +190,11 @@ def test_montage_per_case_decodes_to_the_axial_layout_size(run: Path, dataset: P
         scan = nib.load(str(dataset / "labelsTr" / f"{case_id}.nii.gz"))
         view = montage.axial_view(np.zeros(scan.shape), nib.aff2axcodes(scan.affine))
         png = run / "evaluation" / "best" / "montages" / f"{case_id}.png"
-        decoded = tf.io.decode_png(png.read_bytes())
+        decoded = tf.io.decode_png(png.read_bytes(), channels=3)
         zoom = montage.zoom_factor(*view.shape[1:])
-        assert tuple(decoded.shape) == (3 * zoom * view.shape[1], 3 * zoom * view.shape[2], 3)
+        layout = (3 * zoom * view.shape[1], 3 * zoom * view.shape[2])
+        frame = montage.montage_frame(*layout, ["1", "2"])  # the oracle's classes, unnamed
+        assert tuple(decoded.shape) == (frame.height, frame.width, 3)
 
 
 def test_data_folder_evaluates_every_labelled_case(run: Path, dataset: Path, oracle):

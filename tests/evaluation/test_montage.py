@@ -1,4 +1,4 @@
-"""PNG montages: slice choice, layout size, and files any PNG decoder reads back exactly."""
+"""PNG montages: slice choice, layout size, the frame (titles, legend) and pixel-exact PNGs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from segnet.evaluation import montage
+from segnet.visuals import PALETTE
 
 
 def _volume(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -39,6 +40,10 @@ def test_representative_slices(counts: list[int], expected: list[int]):
     assert montage.representative_slices(label, 3) == expected
 
 
+def _decode(path: Path) -> np.ndarray:
+    return tf.io.decode_png(path.read_bytes(), channels=3).numpy()
+
+
 @pytest.mark.parametrize(
     ("shape", "with_label", "expected_hw"),
     [
@@ -47,22 +52,51 @@ def test_representative_slices(counts: list[int], expected: list[int]):
         ((9, 130, 140), True, (3 * 130, 3 * 140)),  # large slices are not enlarged
     ],
 )
-def test_png_decodes_to_the_layout_size(
+def test_png_holds_the_layout_pixel_for_pixel_in_its_frame(
     tmp_path: Path, shape: tuple[int, int, int], with_label: bool, expected_hw: tuple[int, int]
 ):
     image, label = _volume(shape)
+    reference = label if with_label else None
     path = tmp_path / "case.png"
-    size = montage.write_montage(path, image[..., None], label, label if with_label else None)
-    decoded = tf.io.decode_png(path.read_bytes()).numpy()
-    assert size == expected_hw
-    assert decoded.shape == (*expected_hw, 3)
+    size = montage.write_montage(path, image[..., None], label, reference)
+    decoded = _decode(path)
+    rgb = montage.build_montage(image, label, reference)
+    assert rgb.shape == (*expected_hw, 3)
+    frame = montage.montage_frame(*expected_hw, ["1", "2"])  # labels 1 and 2, no names
+    assert size == (frame.height, frame.width) == decoded.shape[:2]
+    assert frame.top > 0 and frame.height > frame.top + expected_hw[0]  # title, legend
+    block = decoded[
+        frame.top : frame.top + expected_hw[0], frame.left : frame.left + expected_hw[1]
+    ]
+    np.testing.assert_array_equal(block, rgb)  # not resampled, not blurred
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed, not left behind
 
 
-def test_png_round_trips_pixels_exactly():
-    rgb = np.random.default_rng(1).integers(0, 256, (7, 11, 3), dtype=np.uint8)
-    decoded = tf.io.decode_png(montage.encode_png(rgb)).numpy()
-    np.testing.assert_array_equal(decoded, rgb)
+def test_legend_shows_each_class_colour_with_its_name(tmp_path: Path):
+    image, label = _volume((17, 18, 19))
+    path = tmp_path / "case.png"
+    names = {0: "background", 1: "liver", 2: "tumour", 3: "vessel"}
+    height, _ = montage.write_montage(path, image, label, label, class_names=names)
+    decoded = _decode(path)
+    frame = montage.montage_frame(3 * 8 * 18, 3 * 8 * 19, ["1 liver", "2 tumour", "3 vessel"])
+    legend = decoded[frame.top + 3 * 8 * 18 :]
+    assert height == frame.height and legend.shape[0] > 0
+    # Overlays blend the colours with grey; only the legend shows them pure. Class 3 is in
+    # no mask, but the dataset names it, so the legend lists it too.
+    for colour in PALETTE[:3]:
+        assert (legend == colour).all(axis=-1).sum() > 20, colour
+    assert not (decoded[: frame.top + 3 * 8 * 18] == PALETTE[2]).all(axis=-1).any()
+    assert not (legend == PALETTE[3]).all(axis=-1).any()  # no class 4
+
+
+def test_legend_lists_the_unnamed_labels_shown(tmp_path: Path):
+    image, label = _volume((17, 18, 19))
+    prediction = label.copy()
+    prediction[6, 10:14, 10:14] = 5  # a label the dataset does not name
+    montage.write_montage(tmp_path / "a.png", image, prediction, label, class_names={1: "a"})
+    legend = _decode(tmp_path / "a.png")[-montage.LEGEND_ROW_HEIGHT :]
+    for colour in (PALETTE[0], PALETTE[1], PALETTE[4]):
+        assert (legend == colour).all(axis=-1).any(), colour
 
 
 def test_overlays_colour_only_labelled_voxels():
@@ -99,7 +133,8 @@ def test_write_montage_shows_axial_slices_of_a_ras_volume(tmp_path: Path):
     image, label = _volume((17, 18, 19))  # i, j, k; k is superior for RAS
     size = montage.write_montage(tmp_path / "ras.png", image, label, label, ("R", "A", "S"))
     zoom = montage.zoom_factor(18, 17)
-    assert size == (3 * zoom * 18, 3 * zoom * 17)  # rows from j (A-P), columns from i (R-L)
+    frame = montage.montage_frame(3 * zoom * 18, 3 * zoom * 17, ["1", "2"])
+    assert size == (frame.height, frame.width)  # rows from j (A-P), columns from i (R-L)
 
 
 def test_shape_mismatch_is_refused():

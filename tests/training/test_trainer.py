@@ -22,7 +22,7 @@ import tensorflow as tf
 from training_helpers import assert_same_checkpoints, tiny_config
 
 from segnet.errors import DataError, RunDirError, UserError
-from segnet.training import trainer
+from segnet.training import progress_plot, trainer
 from segnet.training.checkpoints import checkpoint_candidates
 from segnet.training.preemption import StopRequest
 from segnet.training.trainer import DivergedError, OutOfMemoryError, TrainResult, train
@@ -52,6 +52,22 @@ def test_a_run_writes_a_self_describing_directory(reference_run: TrainResult) ->
     assert len(checkpoint_candidates(run / "checkpoints" / "best")) == 1
     assert list((run / "logs").glob("events.out.tfevents.*"))
     assert "exported" in (run / "train.log").read_text()
+    progress = tf.io.decode_png((run / "progress.png").read_bytes(), channels=3)
+    assert tuple(progress.shape) == (progress_plot.HEIGHT, progress_plot.WIDTH, 3)
+
+
+def test_tensorboard_logs_match_metrics_csv(reference_run: TrainResult) -> None:
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+
+    run = reference_run.run_dir
+    with (run / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    events = EventAccumulator(str(run / "logs"))
+    events.Reload()
+    logged = {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors("val/dice")}
+    assert logged == pytest.approx({int(r["step"]): float(r["val_dice"]) for r in rows}, rel=1e-4)
+    assert [e.step for e in events.Tensors("val/overlay")] == [3, 6]
+    assert len(events.Tensors("train/loss")) == 6  # log_every_steps: 1
 
 
 def test_the_split_is_written_and_logged(reference_run: TrainResult, tiny_root: Path) -> None:
