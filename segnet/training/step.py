@@ -99,8 +99,9 @@ def make_train_step(
         scale = optimizer.dynamic_scale if scaled else 1.0
         grads, norm = clip_by_global_norm(grads, clip_norm, scale)
         if replicas > 1:
-            # Keras 3 sums gradients over replicas again inside apply(); the grads are already
-            # summed, so each replica hands over its share (exact for powers of two).
+            # Keras 3 sums gradients over replicas again inside apply() (an internal,
+            # _backend_update_step; test_step.py pins it); the grads are already summed, so each
+            # replica hands over its share (exact for powers of two).
             grads = [g / replicas for g in grads]
         optimizer.apply(grads, variables)
         main = outputs[0] if isinstance(outputs, (list, tuple)) else outputs

@@ -116,3 +116,73 @@ def test_float16_step_scales_the_loss() -> None:
     reference = _step(_model(), "optimizer.clip_norm=null")[0](_batch(), tf.constant(0.0))
     assert float(out.grad_norm) == pytest.approx(float(reference.grad_norm), rel=1e-2)
     assert int(optimizer.iterations) == 1 and float(optimizer.dynamic_scale) == scale
+
+
+# The step divides the already all-reduced gradients by the replica count because Keras 3's
+# optimizer.apply() sums them over replicas once more (in _backend_update_step, an internal).
+# This child pins both halves in seconds on two logical CPUs: Keras's sum, and our step over
+# two replicas equal to one device on the same global batch. The day Keras stops summing, the
+# first assertion fails and points here (and at step.py).
+_TWO_REPLICAS = """
+import segnet
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from segnet.config import build_config
+from segnet.losses import build_loss
+from segnet.training.optimizers import build_optimizer
+from segnet.training.step import make_train_step
+
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with mirrored.scope():  # Keras's apply() under two replicas, each handing over gradient 1
+    v = tf.Variable(0.0)
+    sgd = keras.optimizers.SGD(learning_rate=1.0)
+    sgd.build([v])
+mirrored.run(tf.function(lambda: sgd.apply([tf.constant(1.0)], [v])))
+print("keras_apply_moves", float(v.numpy()))
+
+config = build_config({"data": {"num_classes": 3}, "optimizer": {"weight_decay": 0.0}},
+                      ["optimizer.schedule=constant", "optimizer.momentum=0.0"])
+rng = np.random.default_rng(0)
+images = rng.normal(size=(2, 7, 8, 9, 1)).astype(np.float32)
+labels = rng.integers(0, 3, (2, 7, 8, 9)).astype(np.int32)
+
+def one_step(strategy):
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        x = keras.Input((7, 8, 9, 1))
+        model = keras.Model(x, keras.layers.Conv3D(3, 3, padding="same")(x))
+        optimizer = build_optimizer(config)
+        optimizer.build(model.trainable_variables)
+    step = make_train_step(model, optimizer, build_loss(config), strategy, num_classes=3,
+                           clip_norm=None)
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2)
+    step(next(iter(strategy.experimental_distribute_dataset(data))), tf.constant(0.0))
+    return [np.asarray(w) for w in model.get_weights()]
+
+one = one_step(tf.distribute.get_strategy())
+two = one_step(mirrored)
+print("max_diff", max(float(np.max(np.abs(a - b))) for a, b in zip(one, two)))
+"""
+
+
+def test_two_replicas_step_like_one_device_and_keras_still_sums() -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _TWO_REPLICAS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(repo), "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = dict(line.split() for line in done.stdout.splitlines() if line.count(" ") == 1)
+    # SGD with rate 1 moved v by the sum of the two replicas' gradients (-2), not their mean.
+    assert float(found["keras_apply_moves"]) == -2.0, "Keras changed: revisit step.py's division"
+    assert float(found["max_diff"]) < 1e-6
