@@ -187,16 +187,25 @@ class AugmentationConfig:
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
-def _encoder_problems(depth: int, filters: int, growth: float, dropout: float) -> Problems:
+def _encoder_problems(model: UNet3DConfig | SegNetConfig) -> Problems:
+    """The rules on the settings every encoder-decoder shares.
+
+    The model constructors apply them too (``segnet.models.base.check_arguments``), so this
+    is their only copy.
+    """
     problems: Problems = []
-    if not 1 <= depth <= 7:
-        problems.append(("depth", f"must be in 1..7, got {depth}"))
-    if filters < 1:
-        problems.append(("filters", f"must be positive, got {filters}"))
-    if growth < 1.0:
-        problems.append(("growth", f"must be >= 1, got {growth}"))
-    if not 0.0 <= dropout < 1.0:
-        problems.append(("dropout", f"must be in [0, 1), got {dropout}"))
+    if not 1 <= model.depth <= 7:
+        problems.append(("depth", f"must be in 1..7, got {model.depth}"))
+    if model.filters < 1:
+        problems.append(("filters", f"must be positive, got {model.filters}"))
+    if model.growth < 1.0:
+        problems.append(("growth", f"must be >= 1, got {model.growth}"))
+    if not 0.0 <= model.dropout < 1.0:
+        problems.append(("dropout", f"must be in [0, 1), got {model.dropout}"))
+    if model.convs_per_level < 1:
+        problems.append(("convs_per_level", "must be at least 1"))
+    if model.max_filters < model.filters:
+        problems.append(("max_filters", "must be >= filters"))
     return problems
 
 
@@ -220,11 +229,7 @@ class UNet3DConfig:
     loss_at: Literal["full", "low"] = "full"  # 'low': loss vs labels averaged down in-graph
 
     def validate(self) -> Problems:
-        problems = _encoder_problems(self.depth, self.filters, self.growth, self.dropout)
-        if self.convs_per_level < 1:
-            problems.append(("convs_per_level", "must be at least 1"))
-        if self.max_filters < self.filters:
-            problems.append(("max_filters", "must be >= filters"))
+        problems = _encoder_problems(self)
         if self.loss_at == "low" and self.input_downsample == 1:
             problems.append(("loss_at", "'low' needs input_downsample 2 or 4"))
         if self.loss_at == "low" and self.output_upsample == "learned":
@@ -289,12 +294,7 @@ class SegNetConfig:
     dropout: float = 0.0
 
     def validate(self) -> Problems:
-        problems = _encoder_problems(self.depth, self.filters, self.growth, self.dropout)
-        if self.convs_per_level < 1:
-            problems.append(("convs_per_level", "must be at least 1"))
-        if self.max_filters < self.filters:
-            problems.append(("max_filters", "must be >= filters"))
-        return problems
+        return _encoder_problems(self)
 
     @property
     def divisor(self) -> int:

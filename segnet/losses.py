@@ -5,10 +5,10 @@
 * ``labels``: int tensor ``(batch, *spatial)`` of class indices in ``[0, num_classes)``, with
   2 or 3 spatial axes.
 * ``outputs``: what the model returns: logits ``(batch, *spatial, num_classes)``, or a list of
-  them. The model contract (``segnet.models``) says which outputs the loss uses,
-  ``model.supervised_outputs`` (finest first), and at what downsampling factor each one is,
-  ``model.output_scales``; a coarser output is compared with soft targets, the one-hot labels
-  averaged over each block (``segnet.models.blocks.downsample_labels``).
+  them. The model contract (``segnet.models.base.SegmentationModel``) says which outputs the
+  loss uses, ``model.supervised_outputs`` (finest first), and at what downsampling factor each
+  one is, ``model.output_scales``; a coarser output is compared with soft targets, the one-hot
+  labels averaged over each block (``segnet.models.blocks.downsample_labels``).
 
 Definitions, with ``p = softmax(logits)`` and targets ``t`` (one-hot or soft), every sum taken
 over the voxels of one sample:
@@ -34,33 +34,37 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import keras
 from keras import ops
 
 from segnet.config import ExperimentConfig, LossConfig
 from segnet.errors import ConfigError
+from segnet.models.base import SegmentationModel
 from segnet.models.blocks import downsample_labels
 
 LossFn = Callable[[Any, Any], Any]
 
 
-def build_loss(config: ExperimentConfig, model: keras.Model | None = None) -> LossFn:
+def build_loss(config: ExperimentConfig, model: SegmentationModel | None = None) -> LossFn:
     """The configured loss as ``loss(labels, outputs) -> float32 scalar``.
 
     Args:
         config: the experiment; reads ``loss`` and ``data.num_classes``.
         model: the model whose outputs the loss receives; its ``output_scales`` and
-            ``supervised_outputs`` (see the module docstring) pick and scale the outputs. None,
-            or a model without them, means one full-resolution output.
+            ``supervised_outputs`` (see the module docstring) pick and scale the outputs.
+            None: ``outputs`` is one full-resolution logits tensor.
 
     Returns:
         A function of ``labels`` (batch, *spatial) int and the model's ``outputs``.
 
     Raises:
         ConfigError: ``loss.deep_supervision_weights`` does not match the supervised outputs.
+        AttributeError: ``model`` does not implement the contract (no default: a model that
+            forgot it would train on its first output alone).
     """
-    scales = tuple(getattr(model, "output_scales", (1,)))
-    supervised = tuple(getattr(model, "supervised_outputs", (0,)))
+    scales: tuple[int, ...] = (1,)
+    supervised: tuple[int, ...] = (0,)
+    if model is not None:
+        scales, supervised = tuple(model.output_scales), tuple(model.supervised_outputs)
     weights = deep_supervision_weights(config.loss, len(supervised))
     num_classes = config.data.num_classes
     single = _single_output_loss(config.loss)

@@ -46,7 +46,6 @@ from keras import ops
 __all__ = [
     "MaxPoolingWithArgmax",
     "MaxUnpoolingWithArgmax",
-    "argmax_to_flat_index",
     "max_pool_with_argmax",
     "max_unpool",
     "normalize_pool_size",
@@ -238,39 +237,6 @@ def max_unpool(
         return unpool(values, argmax, pool_size, *reference), grad
 
     return forward(values, argmax, *([] if reference is None else [reference]))
-
-
-def argmax_to_flat_index(
-    argmax: Any, input_shape: Sequence[int], pool_size: int | Sequence[int] = 2
-) -> Any:
-    """Converts window-local argmax to TensorFlow's flat index over the pre-pool input.
-
-    The flat index is row-major over ``(batch, *spatial, channels)``, e.g. in 2D
-    ``((b * H + y) * W + x) * C + c``, as ``tf.nn.max_pool_with_argmax(...,
-    include_batch_in_index=True)`` on the unpadded input.
-
-    Args:
-        argmax: int ``(batch, *pooled_spatial, channels)`` from ``max_pool_with_argmax``.
-        input_shape: the static pre-pool shape ``(batch, *spatial, channels)``.
-        pool_size: the pool size used.
-
-    Returns:
-        int64 tensor shaped like ``argmax``.
-    """
-    spatial_dims = len(input_shape) - 2
-    pool_size = normalize_pool_size(pool_size, spatial_dims)
-    local = ops.cast(argmax, "int64")
-    shape = ops.shape(argmax)
-    flat = ops.reshape(ops.arange(shape[0], dtype="int64"), [-1] + [1] * (spatial_dims + 1))
-    stride = math.prod(pool_size)
-    for axis, p in enumerate(pool_size):
-        stride //= p
-        offset = (local // stride) % p
-        window = ops.reshape(
-            ops.arange(shape[axis + 1], dtype="int64"), [-1] + [1] * (spatial_dims - axis)
-        )
-        flat = flat * input_shape[axis + 1] + window * p + offset
-    return flat * input_shape[-1] + ops.arange(shape[-1], dtype="int64")
 
 
 class _WindowLayer(keras.layers.Layer):

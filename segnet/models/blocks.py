@@ -9,8 +9,8 @@ up-sampling) are registered as serializable so saved models reload without custo
 
 from __future__ import annotations
 
-import inspect
 import math
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,13 +18,15 @@ from typing import Any
 import keras
 from keras import ops
 
+from segnet.config import Activation, Norm
+
 _CONV = {2: keras.layers.Conv2D, 3: keras.layers.Conv3D}
 _CONV_TRANSPOSE = {2: keras.layers.Conv2DTranspose, 3: keras.layers.Conv3DTranspose}
 _MAX_POOL = {2: keras.layers.MaxPooling2D, 3: keras.layers.MaxPooling3D}
 _DROPOUT = {2: keras.layers.SpatialDropout2D, 3: keras.layers.SpatialDropout3D}
 
-NORMS = ("batch", "instance", "group", "none")
-ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "swish")
+NORMS: tuple[str, ...] = typing.get_args(Norm)  # the choices of model.<name>.norm
+ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
 
 
 @dataclass(frozen=True)
@@ -46,19 +48,6 @@ class ConvSpec:
     groups: int = 8
     activation: str = "leaky_relu"
     dropout: float = 0.0
-
-
-def constructor_config(model: keras.Model) -> dict[str, Any]:
-    """``get_config()`` of a keras-hub style model: name, trainable and every constructor
-    argument, read back from the attribute of the same name that ``__init__`` stored."""
-    names = [
-        n for n in inspect.signature(type(model).__init__).parameters if n not in ("self", "kwargs")
-    ]
-    config = {"name": model.name, "trainable": model.trainable}
-    for name in names:
-        value = getattr(model, name)
-        config[name] = dict(value) if isinstance(value, dict) else value  # untracked copy
-    return config
 
 
 def level_filters(filters: int, growth: float, max_filters: int, levels: int) -> list[int]:

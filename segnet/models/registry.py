@@ -2,9 +2,9 @@
 
 Every builder takes the whole ``ExperimentConfig`` (input channels come from
 ``data.num_channels``, classes from ``data.num_classes``, settings from the model's own
-sub-config, e.g. ``model.unet3d``) and returns an unbuilt-weights ``keras.Model`` whose
-outputs are float32 logits. The names here are the sub-config names of ``ModelConfig``; a
-test keeps the two in sync.
+sub-config, e.g. ``model.unet3d``) and returns a ``SegmentationModel``
+(``segnet.models.base``), whose outputs are float32 logits. The names here are the sub-config
+names of ``ModelConfig``; a test keeps the two in sync.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import keras
-
 from segnet.errors import UserError
+from segnet.models.base import SegmentationModel
 from segnet.models.segnet import build_segnet
 from segnet.models.unet3d import build_unet3d
 from segnet.models.unet3d_cascade import build_unet3d_cascade
@@ -23,7 +22,7 @@ from segnet.strict_dataclass import suggest
 if TYPE_CHECKING:
     from segnet.config import ExperimentConfig
 
-Builder = Callable[["ExperimentConfig"], keras.Model]
+Builder = Callable[["ExperimentConfig"], SegmentationModel]
 
 MODELS: dict[str, Builder] = {
     "unet3d": build_unet3d,  # 3D U-Net, optionally at a lower resolution in-graph
@@ -37,11 +36,13 @@ def registered_names() -> tuple[str, ...]:
     return tuple(sorted(MODELS))
 
 
-def build_model(config: ExperimentConfig) -> keras.Model:
+def build_model(config: ExperimentConfig) -> SegmentationModel:
     """Builds ``config.model.name`` for ``config.data``'s channels and classes.
 
     Raises:
         UserError: the name is not registered; the message lists the registered names.
+        TypeError: the builder returned a model that is not a ``SegmentationModel`` (the loss
+            and the trainer would not know its outputs).
     """
     name = config.model.name
     builder = MODELS.get(name)
@@ -50,4 +51,10 @@ def build_model(config: ExperimentConfig) -> keras.Model:
             f"model.name: unknown model '{name}'{suggest(name, MODELS)}; "
             f"registered models: {', '.join(registered_names())}"
         )
-    return builder(config)
+    model = builder(config)
+    if not isinstance(model, SegmentationModel):
+        raise TypeError(
+            f"the builder of model '{name}' returned a {type(model).__name__}, not a "
+            "segnet.models.base.SegmentationModel"
+        )
+    return model

@@ -22,15 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 import keras
 
+from segnet.config import SegNetConfig
 from segnet.models import blocks
 from segnet.models.argmax_pooling import MaxPoolingWithArgmax, MaxUnpoolingWithArgmax
+from segnet.models.base import SegmentationModel, check_arguments
 
 if TYPE_CHECKING:
     from segnet.config import ExperimentConfig
 
 
 @keras.saving.register_keras_serializable(package="segnet")
-class SegNet(keras.Model):
+class SegNet(SegmentationModel):
     """SegNet as a functional Keras model; see the module docstring for the tensor contract.
 
     Encoder level ``l`` has ``filters * growth**l`` filters (capped at ``max_filters``); the
@@ -68,8 +70,20 @@ class SegNet(keras.Model):
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        check_arguments(
+            SegNetConfig,
+            type(self).__name__,
+            spatial_dims=spatial_dims,
+            depth=depth,
+            filters=filters,
+            growth=growth,
+            max_filters=max_filters,
+            convs_per_level=convs_per_level,
+            norm=norm,
+            groups=groups,
+            activation=activation,
+            dropout=dropout,
+        )
 
         # === Layers ===
         # Created by the block functions below as the graph is traced, named by level.
@@ -93,12 +107,16 @@ class SegNet(keras.Model):
             )
         logits = blocks.head(x, num_classes, spatial_dims, name="logits")
         kwargs.setdefault("name", "segnet")
-        super().__init__(inputs=image, outputs=logits, **kwargs)
+        super().__init__(
+            inputs=image,
+            outputs=logits,
+            num_channels=num_channels,
+            num_classes=num_classes,
+            spatial_dims=spatial_dims,
+            **kwargs,
+        )
 
         # === Config ===
-        self.num_channels = num_channels
-        self.num_classes = num_classes
-        self.spatial_dims = spatial_dims
         self.depth = depth
         self.filters = filters
         self.growth = growth
@@ -120,7 +138,24 @@ class SegNet(keras.Model):
         return (0,)
 
     def get_config(self) -> dict[str, Any]:
-        return blocks.constructor_config(self)
+        config = super().get_config()
+        config.update(
+            {
+                "num_channels": self.num_channels,
+                "num_classes": self.num_classes,
+                "spatial_dims": self.spatial_dims,
+                "depth": self.depth,
+                "filters": self.filters,
+                "growth": self.growth,
+                "max_filters": self.max_filters,
+                "convs_per_level": self.convs_per_level,
+                "norm": self.norm,
+                "groups": self.groups,
+                "activation": self.activation,
+                "dropout": self.dropout,
+            }
+        )
+        return config
 
 
 def build_segnet(config: ExperimentConfig) -> SegNet:

@@ -30,14 +30,16 @@ from typing import TYPE_CHECKING, Any
 
 import keras
 
+from segnet.config import UNet3DConfig
 from segnet.models import blocks
+from segnet.models.base import SegmentationModel, check_arguments
 
 if TYPE_CHECKING:
-    from segnet.config import ExperimentConfig, UNet3DConfig
+    from segnet.config import ExperimentConfig
 
 
 @keras.saving.register_keras_serializable(package="segnet")
-class UNet3D(keras.Model):
+class UNet3D(SegmentationModel):
     """The 3D U-Net of Çiçek et al. with nnU-Net's knobs, as a functional Keras model.
 
     Input ``(batch, depth, height, width, num_channels)`` of any spatial size; for outputs see
@@ -89,7 +91,24 @@ class UNet3D(keras.Model):
         loss_at: str = "full",
         **kwargs: Any,
     ) -> None:
-        _check_arguments(input_downsample, output_upsample, loss_at)
+        check_arguments(
+            UNet3DConfig,
+            type(self).__name__,
+            depth=depth,
+            filters=filters,
+            growth=growth,
+            max_filters=max_filters,
+            convs_per_level=convs_per_level,
+            norm=norm,
+            groups=groups,
+            activation=activation,
+            dropout=dropout,
+            upsampling=upsampling,
+            deep_supervision=deep_supervision,
+            input_downsample=input_downsample,
+            output_upsample=output_upsample,
+            loss_at=loss_at,
+        )
 
         # === Layers ===
         # Created by the block functions below as the graph is traced, named by level.
@@ -111,12 +130,15 @@ class UNet3D(keras.Model):
         ]
         kwargs.setdefault("name", "unet3d")
         super().__init__(
-            inputs=image, outputs=outputs if len(outputs) > 1 else outputs[0], **kwargs
+            inputs=image,
+            outputs=outputs if len(outputs) > 1 else outputs[0],
+            num_channels=num_channels,
+            num_classes=num_classes,
+            spatial_dims=3,
+            **kwargs,
         )
 
         # === Config ===
-        self.num_channels = num_channels
-        self.num_classes = num_classes
         self.depth = depth
         self.filters = filters
         self.growth = growth
@@ -146,23 +168,28 @@ class UNet3D(keras.Model):
         return tuple(range(start, len(self.output_scales)))
 
     def get_config(self) -> dict[str, Any]:
-        return blocks.constructor_config(self)
-
-
-def _check_arguments(input_downsample: int, output_upsample: str, loss_at: str) -> None:
-    if input_downsample not in (1, 2, 4):
-        raise ValueError(f"input_downsample must be 1, 2 or 4, got {input_downsample}")
-    if output_upsample not in ("trilinear", "learned"):
-        raise ValueError(
-            f"output_upsample must be 'trilinear' or 'learned', got {output_upsample!r}"
+        config = super().get_config()
+        config.update(
+            {
+                "num_channels": self.num_channels,
+                "num_classes": self.num_classes,
+                "depth": self.depth,
+                "filters": self.filters,
+                "growth": self.growth,
+                "max_filters": self.max_filters,
+                "convs_per_level": self.convs_per_level,
+                "norm": self.norm,
+                "groups": self.groups,
+                "activation": self.activation,
+                "dropout": self.dropout,
+                "upsampling": self.upsampling,
+                "deep_supervision": self.deep_supervision,
+                "input_downsample": self.input_downsample,
+                "output_upsample": self.output_upsample,
+                "loss_at": self.loss_at,
+            }
         )
-    if loss_at not in ("full", "low"):
-        raise ValueError(f"loss_at must be 'full' or 'low', got {loss_at!r}")
-    if loss_at == "low" and (input_downsample == 1 or output_upsample == "learned"):
-        raise ValueError(
-            "loss_at='low' needs input_downsample 2 or 4 and output_upsample='trilinear' "
-            "(learned up-sampling would get no gradient from a low-resolution loss)"
-        )
+        return config
 
 
 def _output_scales(

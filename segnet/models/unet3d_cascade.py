@@ -32,17 +32,17 @@ from typing import TYPE_CHECKING, Any
 
 import keras
 
+from segnet.config import CascadeConfig
 from segnet.models import blocks
+from segnet.models.base import SegmentationModel, check_arguments
 from segnet.models.unet3d import UNet3D, unet3d_arguments
 
 if TYPE_CHECKING:
     from segnet.config import ExperimentConfig
 
-TRAIN_STAGES = ("joint", "low", "high")
-
 
 @keras.saving.register_keras_serializable(package="segnet")
-class UNet3DCascade(keras.Model):
+class UNet3DCascade(SegmentationModel):
     """Two-stage 3D U-Net cascade; input ``(batch, depth, height, width, num_channels)``.
 
     Args:
@@ -67,7 +67,14 @@ class UNet3DCascade(keras.Model):
         **kwargs: Any,
     ) -> None:
         low, high = dict(low or {}), dict(high or {})
-        _check_arguments(downsample, low, high, train_stage)
+        check_arguments(
+            CascadeConfig,
+            type(self).__name__,
+            downsample=downsample,
+            low=low,
+            high=high,
+            train_stage=train_stage,
+        )
 
         # === Layers ===
         stage1 = UNet3D(num_channels, num_classes, **low, name="stage1")
@@ -94,12 +101,17 @@ class UNet3DCascade(keras.Model):
             blocks.crop_logits(low_logits, image, downsample, name="stage1_logits"),
         ]
         kwargs.setdefault("name", "unet3d_cascade")
-        super().__init__(inputs=image, outputs=outputs, **kwargs)
+        super().__init__(
+            inputs=image,
+            outputs=outputs,
+            num_channels=num_channels,
+            num_classes=num_classes,
+            spatial_dims=3,
+            **kwargs,
+        )
         stage1.trainable = train_stage != "high"
 
         # === Config ===
-        self.num_channels = num_channels
-        self.num_classes = num_classes
         self.downsample = downsample
         self.low = low
         self.high = high
@@ -116,24 +128,18 @@ class UNet3DCascade(keras.Model):
         return {"joint": (0, 1), "low": (1,), "high": (0,)}[self.train_stage]
 
     def get_config(self) -> dict[str, Any]:
-        return blocks.constructor_config(self)
-
-
-def _check_arguments(
-    downsample: int, low: dict[str, Any], high: dict[str, Any], train_stage: str
-) -> None:
-    if downsample not in (2, 4):
-        raise ValueError(f"downsample must be 2 or 4, got {downsample}")
-    if train_stage not in TRAIN_STAGES:
-        raise ValueError(f"train_stage must be one of {TRAIN_STAGES}, got {train_stage!r}")
-    for stage, arguments in (("low", low), ("high", high)):
-        for key, default in (
-            ("input_downsample", 1),
-            ("deep_supervision", False),
-            ("loss_at", "full"),
-        ):
-            if arguments.get(key, default) != default:
-                raise ValueError(f"{stage}.{key} must be {default!r} inside a cascade")
+        config = super().get_config()
+        config.update(
+            {
+                "num_channels": self.num_channels,
+                "num_classes": self.num_classes,
+                "downsample": self.downsample,
+                "low": dict(self.low),  # plain copies of Keras' tracked dicts
+                "high": dict(self.high),
+                "train_stage": self.train_stage,
+            }
+        )
+        return config
 
 
 def build_unet3d_cascade(config: ExperimentConfig) -> UNet3DCascade:

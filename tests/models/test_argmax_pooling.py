@@ -11,6 +11,8 @@ import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlo
 
 # isort: split
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -18,14 +20,15 @@ import pytest
 import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from keras import ops
 
 from segnet.models.argmax_pooling import (
     MaxPoolingWithArgmax,
     MaxUnpoolingWithArgmax,
     _lowest_finite,
-    argmax_to_flat_index,
     max_pool_with_argmax,
     max_unpool,
+    normalize_pool_size,
 )
 
 JIT = pytest.mark.parametrize("jit", [True, False], ids=["xla", "plain"])
@@ -35,6 +38,39 @@ ODD_2D = [(2, 7, 7, 3), (2, 9, 6, 2), (1, 33, 31, 2)]
 
 def _random(shape: tuple[int, ...], seed: int = 0, dtype: str = "float32") -> tf.Tensor:
     return tf.constant(np.random.default_rng(seed).normal(size=shape), dtype=dtype)
+
+
+def _tf_flat_index(
+    argmax: Any, input_shape: Sequence[int], pool_size: int | Sequence[int] = 2
+) -> Any:
+    """Reference decoding: window-local argmax to TensorFlow's flat index over the input.
+
+    The flat index is row-major over ``(batch, *spatial, channels)``, e.g. in 2D
+    ``((b * H + y) * W + x) * C + c``, as ``tf.nn.max_pool_with_argmax(...,
+    include_batch_in_index=True)`` on the unpadded input.
+
+    Args:
+        argmax: int ``(batch, *pooled_spatial, channels)`` from ``max_pool_with_argmax``.
+        input_shape: the static pre-pool shape ``(batch, *spatial, channels)``.
+        pool_size: the pool size used.
+
+    Returns:
+        int64 tensor shaped like ``argmax``.
+    """
+    spatial_dims = len(input_shape) - 2
+    pool_size = normalize_pool_size(pool_size, spatial_dims)
+    local = ops.cast(argmax, "int64")
+    shape = ops.shape(argmax)
+    flat = ops.reshape(ops.arange(shape[0], dtype="int64"), [-1] + [1] * (spatial_dims + 1))
+    stride = math.prod(pool_size)
+    for axis, p in enumerate(pool_size):
+        stride //= p
+        offset = (local // stride) % p
+        window = ops.reshape(
+            ops.arange(shape[axis + 1], dtype="int64"), [-1] + [1] * (spatial_dims - axis)
+        )
+        flat = flat * input_shape[axis + 1] + window * p + offset
+    return flat * input_shape[-1] + ops.arange(shape[-1], dtype="int64")
 
 
 def _numpy_windows(x: np.ndarray, pool: tuple[int, ...], pad_value: float) -> np.ndarray:
@@ -77,7 +113,7 @@ def test_2d_values_and_indices_equal_tf_on_even_sizes(shape, jit):
     pooled, argmax = max_pool_with_argmax(x, 2, jit_compile=jit)
     tf_pooled, tf_flat = tf.nn.max_pool_with_argmax(x, 2, 2, "SAME", include_batch_in_index=True)
     np.testing.assert_array_equal(pooled, tf_pooled)
-    np.testing.assert_array_equal(argmax_to_flat_index(argmax, shape, 2), tf_flat)
+    np.testing.assert_array_equal(_tf_flat_index(argmax, shape, 2), tf_flat)
 
 
 @pytest.mark.parametrize("shape", ODD_2D)
@@ -121,7 +157,7 @@ def test_2d_ties_pick_the_same_position_as_tf(shape, data):
     expected = _scatter_unpool(tf_pooled, tf_flat, shape, grid=shape[1:3])
     np.testing.assert_array_equal(max_unpool(pooled, argmax, 2, x), expected)
     if shape[1] % 2 == 0 and shape[2] % 2 == 0:
-        np.testing.assert_array_equal(argmax_to_flat_index(argmax, shape, 2), tf_flat)
+        np.testing.assert_array_equal(_tf_flat_index(argmax, shape, 2), tf_flat)
 
 
 def test_indices_are_window_local_integers():

@@ -1,8 +1,10 @@
 """The model registry, and the contract every registered model keeps, table-driven over it.
 
 Every row builds a tiny model through ``build_model`` from a validated config, as the trainer
-does: output shapes on 16^3 and on the odd 17x18x19, one training step through the
-``output_scales`` / ``supervised_outputs`` contract, and mixed precision.
+does: output shapes and the ``get_config``/``from_config`` round trip on 16^3 and on the odd
+17x18x19, one training step through the ``output_scales`` / ``supervised_outputs`` contract,
+and mixed precision. The contract itself (``SegmentationModel``) is checked when a class is
+defined, and each argument rule holds for a config file and a constructor call alike.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlo
 # isort: split
 import dataclasses
 import inspect
+import json
 import math
+import re
 from typing import Any
 
 import keras
@@ -20,13 +24,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from segnet.config import ExperimentConfig, ModelConfig, SegNetConfig, UNet3DConfig, build_config
-from segnet.errors import UserError
+from segnet.config import ExperimentConfig, ModelConfig, build_config
+from segnet.errors import ConfigError, UserError
 from segnet.models import build_model, registered_names
+from segnet.models.base import CONTRACT, SegmentationModel
 from segnet.models.blocks import downsample_labels
 from segnet.models.registry import MODELS
 from segnet.models.segnet import SegNet
 from segnet.models.unet3d import UNet3D
+from segnet.models.unet3d_cascade import UNet3DCascade
 from segnet.training.precision import precision_policy
 
 CHANNELS, CLASSES = 2, 3
@@ -51,6 +57,8 @@ ROWS = [
     ("segnet2d", "segnet", {**TINY, "spatial_dims": 2, "norm": "group", "groups": 2}),
 ]
 ROW = pytest.mark.parametrize(("name", "settings"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
+SIZE = pytest.mark.parametrize("size", [(16, 16, 16), (17, 18, 19)], ids=["16cube", "odd"])
+CLASSES_OF = {"unet3d": UNet3D, "unet3d_cascade": UNet3DCascade, "segnet": SegNet}  # by model.name
 
 
 def tiny_config(name: str, settings: dict[str, Any]) -> ExperimentConfig:
@@ -82,17 +90,75 @@ def test_registry_names_are_the_model_sub_configs() -> None:
     sub_configs = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
     assert set(registered_names()) == sub_configs
     assert {r[1] for r in ROWS} == set(MODELS), "every registered model needs a test row"
+    assert set(CLASSES_OF) == set(MODELS)
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES_OF))
+def test_sub_config_fields_are_the_constructor_arguments(name: str) -> None:
+    arguments = set(inspect.signature(CLASSES_OF[name].__init__).parameters)
+    fields = {f.name for f in dataclasses.fields(getattr(ModelConfig(), name))}
+    trainer_fields = {"stage1_from"} if name == "unet3d_cascade" else set()  # copies stage 1 in
+    assert fields - trainer_fields == arguments - {"self", "num_channels", "num_classes", "kwargs"}
+
+
+# (model.name, its sub-config, the key of the rule it breaks): each rule is written once, in the
+# config dataclass, and a config file and a direct constructor call both meet it.
+BROKEN = [
+    ("unet3d", {"depth": 8}, "depth"),
+    ("unet3d", {"filters": 0}, "filters"),
+    ("unet3d", {"growth": 0.5}, "growth"),
+    ("unet3d", {"dropout": 1.0}, "dropout"),
+    ("unet3d", {"convs_per_level": 0}, "convs_per_level"),
+    ("unet3d", {"filters": 8, "max_filters": 4}, "max_filters"),
+    ("unet3d", {"input_downsample": 3}, "input_downsample"),
+    ("unet3d", {"loss_at": "low"}, "loss_at"),
+    ("unet3d", {"upsampling": "nearest"}, "upsampling"),
+    ("segnet", {"spatial_dims": 1}, "spatial_dims"),
+    ("segnet", {"norm": "layer"}, "norm"),
+    ("segnet", {"activation": "relu6"}, "activation"),
+    ("unet3d_cascade", {"downsample": 3}, "downsample"),
+    ("unet3d_cascade", {"train_stage": "both"}, "train_stage"),
+    ("unet3d_cascade", {"low": {"depth": 0}}, "low.depth"),
+    ("unet3d_cascade", {"high": {"deep_supervision": True}}, "high.deep_supervision"),
+]
 
 
 @pytest.mark.parametrize(
-    ("model_class", "config_class"), [(UNet3D, UNet3DConfig), (SegNet, SegNetConfig)]
+    ("name", "settings", "key"), BROKEN, ids=[f"{r[0]}-{r[2]}" for r in BROKEN]
 )
-def test_sub_config_fields_are_the_constructor_arguments(
-    model_class: type, config_class: type
+def test_each_argument_rule_holds_for_configs_and_constructors(
+    name: str, settings: dict, key: str
 ) -> None:
-    arguments = set(inspect.signature(model_class.__init__).parameters)
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    assert fields == arguments - {"self", "num_channels", "num_classes", "kwargs"}
+    with pytest.raises(ConfigError, match=re.escape(f"model.{name}.{key}:")):
+        tiny_config(name, settings)
+    model_class = CLASSES_OF[name]
+    with pytest.raises(ValueError, match=rf"^{model_class.__name__}: (.*; )?{re.escape(key)}:"):
+        model_class(CHANNELS, CLASSES, **settings)
+
+
+@pytest.mark.parametrize("missing", CONTRACT)
+def test_a_model_class_missing_the_contract_fails_when_defined(missing: str) -> None:
+    members = {
+        "output_scales": property(lambda self: (1,)),
+        "supervised_outputs": property(lambda self: (0,)),
+        "get_config": lambda self: SegmentationModel.get_config(self),
+    }
+    type("Complete", (SegmentationModel,), dict(members))  # the control: no error
+    del members[missing]
+    with pytest.raises(TypeError, match=rf"Forgetful must define {missing}"):
+        type("Forgetful", (SegmentationModel,), members)
+
+
+def test_a_builder_returning_a_plain_keras_model_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def plain(config: ExperimentConfig) -> keras.Model:
+        image = keras.Input((None, None, None, CHANNELS))
+        return keras.Model(image, keras.layers.Conv3D(CLASSES, 1)(image))
+
+    monkeypatch.setitem(MODELS, "segnet", plain)
+    with pytest.raises(TypeError, match=r"'segnet'.*SegmentationModel"):
+        build_model(tiny_config("segnet", TINY))
 
 
 def test_unknown_name_lists_the_registered_models() -> None:
@@ -106,7 +172,7 @@ def test_unknown_name_lists_the_registered_models() -> None:
 
 
 @ROW
-@pytest.mark.parametrize("size", [(16, 16, 16), (17, 18, 19)], ids=["16cube", "odd"])
+@SIZE
 def test_outputs_match_the_input_size(name: str, settings: dict, size: tuple[int, ...]) -> None:
     model = build_model(tiny_config(name, settings))
     x = random_batch(model, size)
@@ -118,6 +184,29 @@ def test_outputs_match_the_input_size(name: str, settings: dict, size: tuple[int
         assert output.dtype == "float32"
     assert model.input_shape[-1] == CHANNELS
     assert all(n is None for n in model.input_shape[:-1])
+
+
+@ROW
+@SIZE
+def test_config_round_trip_rebuilds_the_same_model(
+    name: str, settings: dict, size: tuple[int, ...]
+) -> None:
+    model = build_model(tiny_config(name, settings))
+    config = json.loads(json.dumps(model.get_config()))  # what a .keras file stores
+    arguments = set(inspect.signature(type(model).__init__).parameters) - {"self", "kwargs"}
+    assert set(config) == arguments | {"name", "trainable"}, "get_config misses an argument"
+    assert config == model.get_config()
+    clone = type(model).from_config(config)
+    assert clone.get_config() == config
+    assert (clone.output_scales, clone.supervised_outputs) == (
+        model.output_scales,
+        model.supervised_outputs,
+    )
+    assert [w.shape for w in clone.weights] == [w.shape for w in model.weights]
+    clone.set_weights(model.get_weights())
+    x = random_batch(model, size)
+    for expected, actual in zip(keras.tree.flatten(model(x)), keras.tree.flatten(clone(x))):
+        np.testing.assert_allclose(actual, expected, atol=1e-6)
 
 
 @ROW

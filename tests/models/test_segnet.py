@@ -45,5 +45,5 @@ def test_any_size_comes_back_unchanged(spatial_dims: int, size: tuple[int, ...])
 
 
 def test_unsupported_dimensionality_is_rejected() -> None:
-    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
+    with pytest.raises(ValueError, match="spatial_dims: must be one of 2, 3"):
         SegNet(spatial_dims=1)

@@ -143,6 +143,14 @@ def test_unsupervised_output_does_not_enter_the_loss() -> None:
     assert np.isfinite(float(build_loss(_config(), model)(labels, [garbage, low])))
 
 
+def test_a_model_without_the_contract_is_refused_not_trained_on_its_first_output() -> None:
+    image = keras.Input((None, None, None, 1))
+    full = keras.layers.Conv3D(2, 1)(image)
+    low = keras.layers.Conv3D(2, 1)(keras.layers.AveragePooling3D(2)(image))
+    with pytest.raises(AttributeError, match="output_scales"):
+        build_loss(_config(), keras.Model(image, [full, low]))
+
+
 @pytest.mark.parametrize(("heads", "weights"), [(2, (1.0,)), (3, (1.0, 1.0)), (2, (0.0, 0.0))])
 def test_mismatched_deep_supervision_weights_name_the_key(heads: int, weights: tuple) -> None:
     config = _config(deep_supervision_weights=list(weights))
