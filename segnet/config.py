@@ -63,9 +63,15 @@ class SplitConfig:
     seed: int = 0  # seed of that shuffle
     train: tuple[str, ...] = ()  # explicit training case ids (overrides folds)
     val: tuple[str, ...] = ()  # explicit held-out case ids (overrides folds)
+    test_fold: int | None = None  # a fold no training sees; --folds all cross-validates the rest
 
     def validate(self) -> Problems:
         problems: Problems = []
+        if self.test_fold is not None:
+            if self.train or self.val:
+                problems.append(("test_fold", "works with folds, not with explicit train/val"))
+            if self.test_fold < 0:
+                problems.append(("test_fold", f"must be >= 0, got {self.test_fold}"))
         if self.num_folds < 2:
             problems.append(("num_folds", f"must be at least 2, got {self.num_folds}"))
         elif not self.folds_file and not 0 <= self.fold < self.num_folds:

@@ -20,6 +20,7 @@ found while describing or splitting is collected and raised together in one Data
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -551,16 +552,19 @@ def split_cases(cases: Sequence[CaseFiles], data: DataConfig) -> Split:
     if split.train or split.val:
         val_ids = _explicit_val(split, by_id, problems)
         source = "the explicit lists data.split.train / data.split.val"
-    elif folds_path is not None and _is_nnunet_splits(folds_path):
-        val_ids = _fold_from_nnunet_splits(folds_path, split.fold, by_id, problems)
-        source = f"{folds_path}, fold {split.fold}"
-    elif folds_path is not None:
-        val_ids = _fold_from_file(folds_path, split.fold, by_id, problems)
-        source = f"{folds_path}, fold {split.fold}"
     else:
-        val_ids = _fold_from_shuffle(sorted(by_id), split, problems)
-        source = f"a shuffle seeded {split.seed} into {split.num_folds} folds, fold {split.fold}"
-    train = tuple(c for c in cases if c.case_id not in val_ids)
+        val_ids = _fold_ids(folds_path, split.fold, split, by_id, problems)
+        source = (
+            f"{folds_path}, fold {split.fold}"
+            if folds_path is not None
+            else f"a shuffle seeded {split.seed} into {split.num_folds} folds, fold {split.fold}"
+        )
+    test_ids: set[str] = set()
+    if split.test_fold is not None and not (split.train or split.val):
+        # A test set no fold ever sees: out of the training and the held-out cases alike.
+        test_ids = _fold_ids(folds_path, split.test_fold, split, by_id, problems, "test_fold")
+        source += f", without the test fold {split.test_fold}"
+    train = tuple(c for c in cases if c.case_id not in val_ids | test_ids)
     val = tuple(c for c in cases if c.case_id in val_ids)
     if split.train:
         train = tuple(by_id[i] for i in split.train if i in by_id)
@@ -569,7 +573,7 @@ def split_cases(cases: Sequence[CaseFiles], data: DataConfig) -> Split:
             if not part:
                 problems.append(f"data.split: the {name} split is empty ({len(cases)} cases)")
     if problems:
-        raise DataError(problems)
+        raise DataError(list(dict.fromkeys(problems)))  # a folds file read twice says it once
     return Split(train, val, source)
 
 
@@ -646,6 +650,49 @@ def _nnunet_fold_problems(
             "data.split.folds_file or data.split.train/val"
         )
     return problems
+
+
+def _fold_ids(
+    folds_path: Path | None,
+    fold: int,
+    split: SplitConfig,
+    by_id: dict[str, CaseFiles],
+    problems: list[str],
+    key: str = "fold",
+) -> set[str]:
+    """The case ids of one fold, from the folds file or the seeded shuffle."""
+    found: list[str] = []
+    if folds_path is not None and _is_nnunet_splits(folds_path):
+        ids = _fold_from_nnunet_splits(folds_path, fold, by_id, found)
+    elif folds_path is not None:
+        ids = _fold_from_file(folds_path, fold, by_id, found)
+    elif not 0 <= fold < split.num_folds:
+        found.append(f"data.split.fold: must be in 0..{split.num_folds - 1}, got {fold}")
+        ids = set()
+    else:
+        ids = _fold_from_shuffle(sorted(by_id), dataclasses.replace(split, fold=fold), found)
+    problems += [p.replace("data.split.fold:", f"data.split.{key}:") for p in found]
+    return ids
+
+
+def available_folds(data: DataConfig) -> list[int]:
+    """The folds a cross-validation can run: those of the folds file (or of the seeded
+    shuffle), less ``data.split.test_fold``.
+
+    Raises:
+        DataError: the folds file cannot be read.
+    """
+    path = _folds_path(data)
+    if path is None:
+        folds = list(range(data.split.num_folds))
+    else:
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+            keys = range(len(content)) if isinstance(content, list) else content["folds"]
+            folds = sorted(int(k) for k in keys)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError([f"{path}: cannot list its folds ({exc!r})"]) from None
+    return [f for f in folds if f != data.split.test_fold]
 
 
 def _explicit_val(split: SplitConfig, by_id: dict[str, CaseFiles], problems: list[str]) -> set[str]:

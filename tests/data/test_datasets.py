@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from segnet.config import DataConfig, build_config
-from segnet.data.datasets import describe_dataset, load_split, split_cases
+from segnet.data.datasets import available_folds, describe_dataset, load_split, split_cases
 from segnet.data.volumes import make_geometry, write_volume
-from segnet.errors import DataError
+from segnet.errors import ConfigError, DataError
 
 IDS = [f"case_{i:03d}" for i in range(6)]
 
@@ -181,6 +181,28 @@ def test_folds_file_holds_out_fold_k(tiny_dataset: Path) -> None:
         )
         assert [c.case_id for c in split.val] == sorted(held_out)
         assert sorted(c.case_id for c in split.train) == sorted(set(IDS) - set(held_out))
+
+
+@pytest.mark.parametrize("split", [{"folds_file": "folds.json"}, {"num_folds": 3, "seed": 4}])
+def test_a_test_fold_is_seen_by_no_fold(tiny_dataset: Path, split: dict) -> None:
+    test = load_split(data_config(tiny_dataset, split={**split, "fold": 0})).val
+    test_ids = {c.case_id for c in test}
+    cross_validated = set()
+    for fold in available_folds(data_config(tiny_dataset, split={**split, "test_fold": 0})):
+        assert fold != 0
+        part = load_split(data_config(tiny_dataset, split={**split, "fold": fold, "test_fold": 0}))
+        seen = {c.case_id for c in (*part.train, *part.val)}
+        assert not seen & test_ids and "without the test fold 0" in part.source
+        assert not {c.case_id for c in part.train} & {c.case_id for c in part.val}
+        cross_validated |= {c.case_id for c in part.val}
+    assert cross_validated == set(IDS) - test_ids  # every other case is held out exactly once
+
+
+def test_a_test_fold_must_exist_and_go_with_folds(tiny_dataset: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.split\.test_fold: works with folds"):
+        data_config(tiny_dataset, split={"val": ["case_001"], "test_fold": 1})
+    with pytest.raises(DataError, match=r"data\.split\.test_fold"):
+        load_split(data_config(tiny_dataset, split={"folds_file": "folds.json", "test_fold": 7}))
 
 
 def test_seeded_shuffle_is_a_partition_and_reproducible(tiny_dataset: Path) -> None:
