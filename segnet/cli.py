@@ -115,6 +115,12 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--force", action="store_true", help="continue a run directory whose stored config differs"
     )
+    parser.add_argument(
+        "--folds",
+        metavar="all|1,2,3",
+        help="cross-validate: one run per fold under --run-dir (default runs/<name>), then the "
+        "out-of-fold evaluation and the post-processing choice",
+    )
     _common_flags(parser)
     return parser
 
@@ -125,6 +131,12 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.print_config:
         sys.stdout.write(config_to_yaml(config))
+        return 0
+    if args.folds:
+        from segnet.cross_validation import cross_validate, parse_folds
+
+        folds = parse_folds(args.folds, config)
+        cross_validate(config, folds, args.run_dir, force=args.force, quiet=args.quiet)
         return 0
     from segnet.training.trainer import train  # imports TensorFlow: only once config is valid
 

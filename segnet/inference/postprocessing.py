@@ -8,6 +8,8 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+from segnet.metrics import dice  # the metrics' own Dice: the numbers evaluation reports
+
 BACKGROUND = 0
 # Neighbours that join two voxels into one component -> scipy's connectivity rank: 6 share a
 # face, 18 a face or an edge, 26 a face, an edge or a corner.
@@ -61,3 +63,42 @@ def _outside_largest(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     sizes = np.bincount(components.ravel())
     sizes[0] = 0  # component 0 is everything outside the mask
     return mask & (components != np.argmax(sizes))
+
+
+def choose_largest_component_classes(
+    cases: Sequence[tuple[np.ndarray, np.ndarray]], num_classes: int
+) -> dict[int, dict[str, float | int | bool]]:
+    """For each foreground class, whether keeping only its largest component helps, measured.
+
+    Chosen on validation predictions (the out-of-fold predictions of a cross-validation), never
+    on test data. Classes are independent here: removing a class's stray components turns
+    them into background, which changes no other class's Dice.
+
+    Args:
+        cases: ``(prediction, reference)`` label maps of the same shape, one pair per case.
+        num_classes: labels are ``0..num_classes-1``.
+
+    Returns:
+        ``{class: {"dice_without", "dice_with", "cases", "chosen"}}``: the mean Dice over the
+        cases where the class is in the prediction or the reference (pairs empty in both are
+        left out, as in ``segnet.metrics.summarize``), and ``chosen`` when it strictly improves.
+    """
+    choice: dict[int, dict[str, float | int | bool]] = {}
+    for label in range(1, num_classes):
+        without, with_ = [], []
+        for prediction, reference in cases:
+            predicted, expected = prediction == label, reference == label
+            if not predicted.any() and not expected.any():
+                continue
+            without.append(dice(predicted, expected))
+            cleaned = keep_largest_component(prediction, [label]) == label
+            with_.append(dice(cleaned, expected))
+        before = float(np.mean(without)) if without else 0.0
+        after = float(np.mean(with_)) if with_ else 0.0
+        choice[label] = {
+            "dice_without": before,
+            "dice_with": after,
+            "cases": len(without),
+            "chosen": bool(without) and after > before,
+        }
+    return choice

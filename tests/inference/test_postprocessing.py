@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segnet.inference.postprocessing import keep_largest_component
+from segnet.inference.postprocessing import choose_largest_component_classes, keep_largest_component
 
 SHAPE = (17, 18, 19)
 
@@ -101,3 +101,26 @@ def test_empty_and_single_component_maps_are_unchanged():
 def test_bad_input_is_rejected(labels, kwargs, match):
     with pytest.raises(ValueError, match=match):
         keep_largest_component(labels, **kwargs)
+
+
+def _blob(shape, corner, size, label, out):
+    z, y, x = corner
+    out[z : z + size, y : y + size, x : x + size] = label
+
+
+def test_the_largest_component_is_chosen_where_it_helps_and_not_where_it_hurts():
+    # Class 1: one structure, predicted with a stray island (removing it helps). Class 2: two
+    # real structures, both predicted (keeping the larger alone loses the other: it hurts).
+    reference = np.zeros((20, 20, 20), np.uint8)
+    _blob(reference.shape, (2, 2, 2), 5, 1, reference)
+    _blob(reference.shape, (12, 12, 12), 4, 2, reference)
+    _blob(reference.shape, (2, 12, 12), 3, 2, reference)
+    prediction = reference.copy()
+    _blob(prediction.shape, (14, 2, 2), 2, 1, prediction)  # 8 stray voxels of class 1
+    choice = choose_largest_component_classes([(prediction, reference)], num_classes=4)
+    # By hand: class 1 without: 2*125 / (133 + 125); with: 1. Class 2 without: 1; with:
+    # 2*64 / (64 + 91). Class 3 is in neither mask: nothing to decide on.
+    assert choice[1]["dice_without"] == pytest.approx(250 / 258)
+    assert choice[1]["dice_with"] == pytest.approx(1.0) and choice[1]["chosen"] is True
+    assert choice[2]["dice_with"] == pytest.approx(128 / 155) and choice[2]["chosen"] is False
+    assert choice[3] == {"dice_without": 0.0, "dice_with": 0.0, "cases": 0, "chosen": False}
