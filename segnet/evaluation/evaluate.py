@@ -29,7 +29,12 @@ next run, when the kill fell between the two renames of the swap) and the next e
 so. One evaluation process at a time writes a run's ``evaluation/`` folder (training may run
 meanwhile). A summary table is printed; with
 ``--checkpoint all`` a ranking by mean foreground Dice is printed too and kept in
-``<run>/evaluation/ranking.txt`` (``ranking-on-<data name>.txt``).
+``<run>/evaluation/ranking.txt`` (``ranking-on-<data name>.txt``). ``--output-dir`` puts all of
+this in another folder instead of ``<run>/evaluation/``.
+
+Several runs are evaluated as one ensemble (:func:`evaluate_ensemble`): the mean of their
+softmaxes is scored, and the results, which belong to no single run, go to
+``evaluation/ensemble-<run names>-<checkpoint names>/`` beside the runs, or ``--output-dir``.
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ Outputs, in ``--output``, each written atomically:
   (i, j, k, class) on the same grid: the softmax of class ``c`` in volume ``c`` of the last
   axis, before post-processing.
 
+Several runs (an ensemble, ``segnet.inference.loading.load_runs``) preprocess each scan once,
+as the first run does, and every model predicts the same windows: step 2 blends the mean of
+their softmaxes. Steps 1 and 3 and the outputs are those of one run.
+
 A case that cannot be read or is malformed is reported in one line naming its file and the
 reason, and skipped; the others are still written.
 
