@@ -159,7 +159,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         default=None,
         help="best | latest | all | a checkpoint path (default: latest when the evaluated "
-        "cases are the ones that chose best, else best)",
+        "cases are the ones that chose best, else best; chosen per run for several)",
     )
     parser.add_argument(
         "--data",
