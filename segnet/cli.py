@@ -42,6 +42,17 @@ def _override_flag(parser: argparse.ArgumentParser, example: str) -> None:
     )
 
 
+def _run_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--run",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="run directory; several, or a folder of runs (e.g. the folds of a "
+        "cross-validation), average their models' softmax",
+    )
+
+
 def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and TF logs")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
@@ -155,18 +166,25 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="segnet-evaluate", description="Predict the held-out cases of a run and score them."
     )
-    parser.add_argument("--run", type=Path, required=True, help="run directory")
+    _run_flag(parser)
     parser.add_argument(
         "--checkpoint",
         default=None,
         help="best | latest | all | a checkpoint path (default: latest when the evaluated "
-        "cases are the ones that chose best, else best)",
+        "cases are the ones that chose best, else best; chosen per run for several)",
     )
     parser.add_argument(
         "--data",
         default=None,
         help="a config YAML or a dataset directory to evaluate on instead of "
         "the run's held-out split",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="the folder for the evaluation folders (default: the run's evaluation/; for "
+        "several runs, evaluation/ in the folder that holds them)",
     )
     _override_flag(parser, "evaluation.overlap=0.25")
     _common_flags(parser)
@@ -182,6 +200,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         data=args.data,
         overrides=args.overrides,
         quiet=args.quiet,
+        output_dir=args.output_dir,
     )
     return 0
 
@@ -195,9 +214,11 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 def predict_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="segnet-predict", description="Segment NIfTI volumes with a trained run.")
-    parser.add_argument("--run", type=Path, required=True, help="run directory")
+    _run_flag(parser)
     parser.add_argument(
-        "--checkpoint", default="best", help="best | latest | a checkpoint path (default: best)"
+        "--checkpoint",
+        default="best",
+        help="best | latest | a checkpoint path, for every run (default: best)",
     )
     parser.add_argument(
         "--input",

@@ -29,17 +29,24 @@ next run, when the kill fell between the two renames of the swap) and the next e
 so. One evaluation process at a time writes a run's ``evaluation/`` folder (training may run
 meanwhile). A summary table is printed; with
 ``--checkpoint all`` a ranking by mean foreground Dice is printed too and kept in
-``<run>/evaluation/ranking.txt`` (``ranking-on-<data name>.txt``).
+``<run>/evaluation/ranking.txt`` (``ranking-on-<data name>.txt``). ``--output-dir`` puts all of
+this in another folder instead of ``<run>/evaluation/``.
+
+Several runs are evaluated as one ensemble (:func:`evaluate_ensemble`): the mean of their
+softmaxes is scored, and the results, which belong to no single run, go to
+``evaluation/ensemble-<run names>-<checkpoint names>/`` beside the runs, or ``--output-dir``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +64,7 @@ from segnet.files import FolderLock, atomic_write_text, ensure_writable_dir
 from segnet.inference import loading
 from segnet.inference.predict import (
     Predictor,
+    load_ensemble,
     load_predictor,
     read_case,
     write_segmentation,
@@ -67,24 +75,29 @@ from segnet.run_dir import RunLayout
 log = logging.getLogger("segnet")
 # The hidden folders of an evaluation being written (partial) or being replaced (old).
 _STAGED = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-\d+-[0-9a-f]+")
+_MAX_NAMES = 120  # characters of run names in an ensemble's folder name
 
 
 def evaluate_run(
-    run_dir: Path,
+    run_dir: Path | Sequence[Path],
     checkpoint: str | None = None,
     data: str | None = None,
     overrides: list[str] = (),  # type: ignore[assignment]
     quiet: bool = False,
+    output_dir: Path | None = None,
 ) -> dict:
     """Predicts and scores the held-out cases with one or every checkpoint of a run.
 
     Args:
-        run_dir: the run directory.
+        run_dir: the run directory; several (or folders of runs) evaluate their ensemble
+            (:func:`evaluate_ensemble`).
         checkpoint: ``best``, ``latest``, ``all`` or a path (``segnet.inference.loading``);
-            None picks one (:func:`default_checkpoint`).
+            None picks one (:func:`_pick_checkpoint`).
         data: None for the run's held-out split, a config YAML, or a dataset folder.
         overrides: ``key=value`` changes to ``evaluation.*`` and other inference settings.
         quiet: no progress bars.
+        output_dir: the folder that receives the evaluation folders, instead of
+            ``<run>/evaluation``.
 
     Returns:
         ``{checkpoint name: metrics document}``, each as written to its ``metrics.json``.
@@ -92,8 +105,10 @@ def evaluate_run(
     Raises:
         UserError: the run, checkpoint, data or overrides are unusable, or cases are bad.
     """
-    run_dir = Path(run_dir)
-    config = loading.load_run_config(run_dir, overrides)
+    runs = loading.load_runs(run_dir, overrides)
+    if len(runs) > 1:
+        return evaluate_ensemble(runs, checkpoint, data, quiet, output_dir)
+    run_dir, config = runs[0].directory, runs[0].config
     run_config = config
     config, cases, failures = evaluation_cases(config, data)
     chose_best = cases_that_chose_best(run_config, cases)
@@ -105,11 +120,7 @@ def evaluate_run(
         "failures": failures,
     }
     refs = loading.resolve_checkpoints(run_dir, checkpoint, allow_all=True)
-    evaluation_dir = ensure_writable_dir(
-        RunLayout(run_dir).evaluation,
-        "evaluation folder",
-        "fix the permissions of the run directory",
-    )
+    evaluation_dir = _evaluation_dir(output_dir or RunLayout(run_dir).evaluation, output_dir)
     class_names = dataset_class_names(config.data)
     results: dict[str, Any] = {}
     with _hold(evaluation_dir):
@@ -125,9 +136,117 @@ def evaluate_run(
     if len(refs) > 1:
         ranking = report.ranking_table({name: doc["summary"] for name, doc in results.items()})
         ranking_file = evaluation_folder_name("ranking", data) + ".txt"
-        atomic_write_text(RunLayout(run_dir).evaluation / ranking_file, ranking + "\n")
+        atomic_write_text(evaluation_dir / ranking_file, ranking + "\n")
         print(f"\ncheckpoints ranked by mean foreground Dice:\n{ranking}")
     return results
+
+
+def evaluate_ensemble(
+    runs: Sequence[loading.Run],
+    checkpoint: str | None = None,
+    data: str | None = None,
+    quiet: bool = False,
+    output_dir: Path | None = None,
+) -> dict:
+    """Predicts and scores the held-out cases with the mean softmax of several runs.
+
+    The cases, preprocessing and sliding-window settings are the first run's (``data`` as for
+    :func:`evaluate_run`); the checkpoint is chosen per run (:func:`_pick_checkpoint`). The
+    results belong to no single run: they go to ``output_dir``, by default the ``evaluation``
+    folder beside the runs (they must then share a parent folder), in
+    ``ensemble-<run names>-<checkpoint names>`` (``-on-<data name>`` with ``data``).
+    ``metrics.json`` lists each run with its checkpoint, why it was chosen, and the evaluated
+    cases that chose its best checkpoint or that it trained on (a warning says so too).
+
+    Returns:
+        ``{evaluation folder name: metrics document}``.
+
+    Raises:
+        UserError: as :func:`evaluate_run`; ``--checkpoint all``; runs in different folders
+            without ``output_dir``.
+    """
+    if checkpoint == "all":
+        raise UserError(
+            "--checkpoint all ranks the checkpoints of one run; an ensemble takes one per run: "
+            "pass best, latest or a path, or leave --checkpoint out"
+        )
+    root = output_dir or _beside(runs)
+    config, cases, failures = evaluation_cases(runs[0].config, data)
+    members = [_ensemble_member(run, checkpoint, cases) for run in runs]
+    refs = [ref for ref, _ in members]
+    records = [record for _, record in members]
+    name = evaluation_folder_name(ensemble_name(runs, refs), data)
+    evaluation_dir = _evaluation_dir(root, output_dir)
+    class_names = dataset_class_names(config.data)
+    with _hold(evaluation_dir):
+        recover_interrupted(evaluation_dir)
+        predictor = load_ensemble([dataclasses.replace(runs[0], config=config), *runs[1:]], refs)
+        document = evaluate_predictor(
+            predictor, name, [ref.path for ref in refs], cases, class_names, quiet,
+            evaluation_dir / name, {"runs": records, "failures": failures},
+        )  # fmt: skip
+    print(f"\nensemble of {len(runs)} runs, {len(cases)} cases:")
+    for record in records:
+        print(f"  {record['run']}: {record['checkpoint']} ({record['checkpoint_selection']})")
+    print(report.summary_table(document["summary"], class_names))
+    return {name: document}
+
+
+def _ensemble_member(
+    run: loading.Run, requested: str | None, cases: list[CaseFiles]
+) -> tuple[loading.CheckpointRef, dict[str, Any]]:
+    """One run's checkpoint, and what metrics.json says about it."""
+    chose_best = cases_that_chose_best(run.config, cases)
+    spec, selection = _pick_checkpoint(run.directory, requested, chose_best, len(cases))
+    ref = loading.resolve_checkpoints(run.directory, spec)[0]
+    trained_on = _cases_in(load_split_part(run.config, "train"), cases)
+    if trained_on:
+        log.warning(
+            "%s trained on %d of these %d cases: the ensemble's score on them is optimistic; "
+            "--data with cases none of the runs trained on gives a fair one",
+            run.directory,
+            len(trained_on),
+            len(cases),
+        )
+    record = {
+        "run": str(run.directory),
+        "checkpoint": ref.path,
+        "checkpoint_selection": selection,
+        "cases_that_chose_best": chose_best,
+        "cases_trained_on": trained_on,
+    }
+    return ref, record
+
+
+def ensemble_name(runs: Sequence[loading.Run], refs: Sequence[loading.CheckpointRef]) -> str:
+    """``ensemble-a+b-best``; ``ensemble-a+b-best+latest`` when the runs' checkpoints differ
+    (in run order); with many long names, their count and a digest instead."""
+    names = "+".join(run.directory.absolute().name for run in runs)
+    checkpoints = [ref.name for ref in refs]
+    which = checkpoints[0] if len(set(checkpoints)) == 1 else "+".join(checkpoints)
+    if len(names) > _MAX_NAMES:  # a folder name has at most 255 bytes
+        digest = hashlib.sha1(names.encode("utf-8")).hexdigest()[:8]
+        names = f"{len(runs)}-runs-{digest}"
+    return f"ensemble-{names}-{which}"
+
+
+def _beside(runs: Sequence[loading.Run]) -> Path:
+    """The default home of an ensemble's evaluations: ``evaluation/`` in the runs' folder."""
+    parents = sorted({str(run.directory.absolute().parent) for run in runs})
+    if len(parents) > 1:
+        raise UserError(
+            f"--run: the runs are in different folders ({', '.join(parents)}), so their "
+            "ensemble's evaluation has no default place; name a folder with --output-dir"
+        )
+    return Path(parents[0]) / "evaluation"
+
+
+def _evaluation_dir(path: Path, output_dir: Path | None) -> Path:
+    if output_dir is not None:
+        return ensure_writable_dir(path, "--output-dir", "fix its permissions or choose another")
+    return ensure_writable_dir(
+        path, "evaluation folder", "fix the permissions of the run directory"
+    )
 
 
 def evaluate_checkpoint(
@@ -154,15 +273,38 @@ def evaluate_checkpoint(
     """
     out_dir = out_dir or RunLayout(run_dir).evaluation / ref.name
     predictor = load_predictor(run_dir, config, ref)
+    return evaluate_predictor(
+        predictor, ref.name, ref.path, cases, class_names, quiet, out_dir, provenance
+    )
+
+
+def evaluate_predictor(
+    predictor: Predictor,
+    name: str,
+    checkpoint: str | list[str],
+    cases: list[CaseFiles],
+    class_names: dict[int, str] | None,
+    quiet: bool,
+    out_dir: Path,
+    provenance: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Predicts and scores ``cases``; writes ``out_dir`` aside and swaps it in when complete.
+
+    Args:
+        name: what the progress bar calls the model.
+        checkpoint: the checkpoint path (the paths of an ensemble's), for ``metrics.json``.
+        The others: as for :func:`evaluate_checkpoint`.
+    """
+    config = predictor.config
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         per_case: dict[str, dict[int, ClassMetrics]] = {}
-        bar = progress_bar(cases, desc=f"Evaluating {ref.name}", unit="case", quiet=quiet)
+        bar = progress_bar(cases, desc=f"Evaluating {name}", unit="case", quiet=quiet)
         for case in bar:
             per_case[case.case_id] = evaluate_case(predictor, case, staging, class_names)
         document = report.metrics_document(
             config=config_to_dict(config),
-            checkpoint=ref.path,
+            checkpoint=checkpoint,
             summary=summarize(list(per_case.values())),
             per_case=per_case,
             class_names=class_names,
@@ -251,12 +393,21 @@ def cases_that_chose_best(config: ExperimentConfig, cases: list[CaseFiles]) -> l
     (the held-out split of the run's own config), matched by their image files."""
     if config.train.val_every == 0:
         return []
+    return _cases_in(load_split_part(config, "val"), cases)
+
+
+def load_split_part(config: ExperimentConfig, part: str) -> tuple[CaseFiles, ...]:
+    """The ``train`` or ``val`` cases of the run's own split; none when they cannot be read."""
     try:
-        held_out = load_split(config.data).val
+        return getattr(load_split(config.data), part)
     except UserError:  # the training data moved away: nothing to compare with
-        return []
-    chosen_by = {p.resolve() for case in held_out for p in case.images}
-    return [case.case_id for case in cases if any(p.resolve() in chosen_by for p in case.images)]
+        return ()
+
+
+def _cases_in(split_cases: Sequence[CaseFiles], cases: list[CaseFiles]) -> list[str]:
+    """The ids of ``cases`` among ``split_cases``, matched by their image files."""
+    files = {p.resolve() for case in split_cases for p in case.images}
+    return [case.case_id for case in cases if any(p.resolve() in files for p in case.images)]
 
 
 def _pick_checkpoint(

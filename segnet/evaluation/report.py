@@ -62,7 +62,7 @@ def write_per_case_csv(path: Path, per_case: PerCase) -> None:
 def metrics_document(
     *,
     config: dict[str, Any],
-    checkpoint: str,
+    checkpoint: str | list[str],
     summary: dict[str, Any],
     per_case: PerCase,
     class_names: Mapping[int, str] | None = None,
@@ -71,7 +71,7 @@ def metrics_document(
 
     Args:
         config: the resolved experiment as a plain dict (``config_to_dict``).
-        checkpoint: the checkpoint path the predictions came from.
+        checkpoint: the checkpoint path the predictions came from (an ensemble's paths).
         summary: ``segnet.metrics.summarize`` of the cases.
         per_case: ``{case_id: {label: ClassMetrics}}``.
         class_names: optional ``{label: name}`` from the dataset description.

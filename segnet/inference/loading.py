@@ -9,6 +9,10 @@ A checkpoint is named on the command line by ``--checkpoint``:
   folder of checkpoints (its newest), or an exported ``.keras`` model. Relative paths are tried
   from the current directory, then from the run directory.
 
+Several runs (``--run A B``, or a folder holding run directories) form an ensemble:
+:func:`load_runs` loads them and refuses runs that disagree on what shapes the model's input
+and output (:func:`check_ensemble`).
+
 Weights are restored into a model built from the run's stored ``config.yaml`` under the
 process's Keras dtype policy (float32 unless the caller set another): the stored variables are
 float32 whatever ``runtime.precision`` trained them.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +40,7 @@ from segnet.config import ExperimentConfig, build_config, config_to_dict
 from segnet.data.preprocessing import DatasetFingerprint
 from segnet.errors import ConfigError, RunDirError, UserError
 from segnet.models.registry import build_model
-from segnet.run_dir import CONFIG_NAME, RunLayout, stored_config
+from segnet.run_dir import CONFIG_NAME, FINGERPRINT_NAME, RunLayout, stored_config
 
 log = logging.getLogger("segnet")
 # What may change between training and inference: how the sliding window runs and where the
@@ -66,6 +71,21 @@ class CheckpointRef:
         return self.path.endswith(".keras")
 
 
+@dataclass(frozen=True)
+class Run:
+    """A trained run, ready to load checkpoints from.
+
+    Attributes:
+        directory: the run directory.
+        config: its stored experiment, with the evaluation-time overrides applied.
+        fingerprint: its training set's fingerprint (None when absent and not needed).
+    """
+
+    directory: Path
+    config: ExperimentConfig
+    fingerprint: DatasetFingerprint | None
+
+
 def train_command(run_dir: Path) -> str:
     return f"python scripts/train.py --config CONFIG.yaml --run-dir {run_dir}"
 
@@ -89,8 +109,8 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentC
     config = stored_config(run_dir, flag="--run")
     if config is None:
         raise RunDirError(
-            f"--run {run_dir}: not a segnet run directory (no {CONFIG_NAME}); point --run at "
-            "the folder train.py wrote (runs/<name> by default)"
+            f"--run {run_dir}: not a segnet run directory (no {CONFIG_NAME}) nor a folder of "
+            "them; point --run at the folder train.py wrote (runs/<name> by default)"
         )
     if not overrides:
         return config
@@ -129,6 +149,110 @@ def load_fingerprint(run_dir: Path, config: ExperimentConfig) -> DatasetFingerpr
         raise RunDirError(
             f"{path}: unreadable fingerprint ({exc}); train again to rewrite it"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Several runs: an ensemble
+# ---------------------------------------------------------------------------------------------
+def load_runs(paths: Path | Sequence[Path], overrides: Sequence[str] = ()) -> list[Run]:
+    """The runs ``--run`` names (see :func:`expand_runs`), each with ``overrides`` applied.
+
+    Args:
+        paths: one run directory, or several (an ensemble, or folders of runs).
+        overrides: ``key=value`` changes allowed after training, applied to every run.
+
+    Raises:
+        RunDirError: a path is not a run, a run is named twice, or the runs disagree.
+        ConfigError: an override is malformed or not allowed.
+    """
+    runs = []
+    for path in expand_runs([paths] if isinstance(paths, str | os.PathLike) else paths):
+        config = load_run_config(path, overrides)
+        runs.append(Run(path, config, load_fingerprint(path, config)))
+    check_ensemble(runs)
+    return runs
+
+
+def expand_runs(paths: Sequence[Path]) -> list[Path]:
+    """Run directories, in the order given; a folder that is not a run itself but holds runs
+    (each with a ``.segnet-run`` marker or a ``config.yaml``, as the folds of a
+    cross-validation) stands for every run directly inside it, in name order.
+
+    Paths that are neither are kept, so :func:`load_run_config` says what is wrong with them.
+
+    Raises:
+        RunDirError: the same run is named twice (an ensemble counts each run once).
+    """
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        runs += ([] if _is_run(path) else _runs_inside(path)) or [path]
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        earlier = seen.setdefault(run.resolve(), run)
+        if earlier is not run:
+            raise RunDirError(
+                f"--run {run}: the same run as {earlier}, given twice; name each run once"
+            )
+    return runs
+
+
+def _is_run(path: Path) -> bool:
+    layout = RunLayout(path)
+    return layout.marker.is_file() or layout.config.is_file()
+
+
+def _runs_inside(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and _is_run(p))
+    except OSError:  # not a folder, or unreadable: load_run_config names the problem
+        return []
+
+
+def check_ensemble(runs: Sequence[Run]) -> None:
+    """Refuses runs whose models would not take the same input or give the same output.
+
+    The ensemble preprocesses each scan once, with the first run's settings, and averages the
+    models' softmaxes voxel by voxel: so channels, classes, the model's spatial dims, the
+    ``preprocessing`` section and what preprocessing reads from ``fingerprint.json`` must agree.
+
+    Raises:
+        RunDirError: naming every key that differs, with its value in the first run and in
+            the first run that differs.
+    """
+    first = _ensemble_keys(runs[0])
+    problems: dict[str, str] = {}  # one line per key, naming the first run that differs
+    for run in runs[1:]:
+        keys = _ensemble_keys(run)
+        for key, value in first.items():
+            if keys.get(key) != value and key not in problems:
+                problems[key] = (
+                    f"{key} is {value!r} in {runs[0].directory} but {keys.get(key)!r} in "
+                    f"{run.directory}"
+                )
+    if problems:
+        raise RunDirError(
+            f"--run: these runs cannot form an ensemble, which needs the same input and output "
+            f"for every model: {'; '.join(problems.values())}; ensemble runs trained on the "
+            "same kind of data with the same preprocessing"
+        )
+
+
+def _ensemble_keys(run: Run) -> dict[str, object]:
+    """What shapes a run's model input and output, by the name the user knows it under."""
+    config = run.config
+    pre = config.preprocessing
+    keys: dict[str, object] = {
+        "data.num_channels": config.data.num_channels,
+        "data.num_classes": config.data.num_classes,
+        "the model's spatial dims": config.spatial_dims,
+    }
+    keys |= {f"preprocessing.{k}": v for k, v in config_to_dict(config)["preprocessing"].items()}
+    if run.fingerprint is not None:  # load_fingerprint insists on it where these matter
+        if pre.resample and pre.target_spacing is None:
+            keys[f"{FINGERPRINT_NAME} spacing"] = run.fingerprint.spacing
+        if pre.normalization == "ct":
+            keys[f"{FINGERPRINT_NAME} intensity"] = run.fingerprint.intensity
+    return keys
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ Outputs, in ``--output``, each written atomically:
   (i, j, k, class) on the same grid: the softmax of class ``c`` in volume ``c`` of the last
   axis, before post-processing.
 
+Several runs (an ensemble, ``segnet.inference.loading.load_runs``) preprocess each scan once,
+as the first run does, and every model predicts the same windows: step 2 blends the mean of
+their softmaxes. Steps 1 and 3 and the outputs are those of one run.
+
 A case that cannot be read or is malformed is reported in one line naming its file and the
 reason, and skipped; the others are still written.
 
@@ -92,13 +96,14 @@ class Predictor:
         fingerprint: the training set's fingerprint, when preprocessing needs it.
         predict_fn: ``logits = predict_fn(batch)``, (batch, *window, channels) ->
             (batch, *window, num_classes); (batch, height, width, ...) for 2D models. Keep one
-            per model: sliding-window inference caches its compiled graph per function.
+            per model: sliding-window inference caches its compiled graph per function. A
+            tuple of them is an ensemble: their softmaxes are averaged window by window.
         spatial_dims: 2 for a model that predicts axial slices, else 3.
     """
 
     config: ExperimentConfig
     fingerprint: DatasetFingerprint | None
-    predict_fn: Callable[[Any], Any]
+    predict_fn: Callable[[Any], Any] | tuple[Callable[[Any], Any], ...]
     spatial_dims: int = 3
 
     def segment(
@@ -145,8 +150,22 @@ def load_predictor(
 ) -> Predictor:
     """The predictor of one checkpoint of a run."""
     fingerprint = loading.load_fingerprint(run_dir, config)
-    model = loading.load_model(config, ref)
-    return Predictor(config, fingerprint, make_predict_fn(model), config.spatial_dims)
+    return load_ensemble([loading.Run(run_dir, config, fingerprint)], [ref])
+
+
+def load_ensemble(runs: Sequence[loading.Run], refs: Sequence[loading.CheckpointRef]) -> Predictor:
+    """The predictor averaging the softmaxes of ``refs[i]`` of ``runs[i]`` (one run: its model).
+
+    Preprocessing and sliding-window settings are the first run's; ``loading.check_ensemble``
+    makes sure every model takes that input.
+    """
+    predict_fns = tuple(
+        make_predict_fn(loading.load_model(run.config, ref))
+        for run, ref in zip(runs, refs, strict=True)
+    )
+    config = runs[0].config
+    predict_fn = predict_fns[0] if len(predict_fns) == 1 else predict_fns
+    return Predictor(config, runs[0].fingerprint, predict_fn, config.spatial_dims)
 
 
 def read_case(case: CaseFiles, num_channels: int) -> tuple[np.ndarray, Geometry]:
@@ -307,7 +326,7 @@ def _identity(path: Path) -> tuple[int, int] | None:
 # The command
 # ---------------------------------------------------------------------------------------------
 def predict_files(
-    run_dir: Path,
+    run_dir: Path | Sequence[Path],
     inputs: list[Path],
     output_dir: Path,
     checkpoint: str = "best",
@@ -317,10 +336,13 @@ def predict_files(
     """Segments every case of ``inputs`` with a run's checkpoint into ``output_dir``.
 
     Args:
-        run_dir: the run directory (``config.yaml``, ``fingerprint.json``, ``checkpoints/``).
+        run_dir: the run directory (``config.yaml``, ``fingerprint.json``, ``checkpoints/``),
+            or several, or folders of runs (``loading.expand_runs``): an ensemble, whose
+            softmaxes are averaged (``loading.check_ensemble`` says which runs can form one).
         inputs: files and folders (grouping in the module docstring).
         output_dir: created if missing; must be writable.
-        checkpoint: ``best``, ``latest`` or a path (see ``segnet.inference.loading``).
+        checkpoint: ``best``, ``latest`` or a path (see ``segnet.inference.loading``), for
+            every run.
         overrides: ``key=value`` changes to ``evaluation.*`` settings (see
             ``loading.OVERRIDABLE``).
         quiet: no progress bar.
@@ -332,8 +354,9 @@ def predict_files(
         UserError: the run, checkpoint, overrides or output folder are unusable (before any
             case is read), or no input file was found at all.
     """
-    config = loading.load_run_config(run_dir, overrides)
-    ref = loading.resolve_checkpoints(run_dir, checkpoint)[0]
+    runs = loading.load_runs(run_dir, overrides)
+    config = runs[0].config
+    refs = [loading.resolve_checkpoints(run.directory, checkpoint)[0] for run in runs]
     output_dir = ensure_writable_dir(
         output_dir, "--output", "fix the permissions or choose another folder"
     )
@@ -342,7 +365,7 @@ def predict_files(
         raise UserError(f"--input {' '.join(map(str, inputs))}: no .nii or .nii.gz files found")
     keep_probabilities = config.evaluation.save_probabilities
     check_outputs(cases, _expand(inputs, []), output_dir, keep_probabilities)
-    predictor = load_predictor(run_dir, config, ref) if cases else None
+    predictor = load_ensemble(runs, refs) if cases else None
     written = 0
     for case in progress_bar(cases, desc="Predicting", unit="case", quiet=quiet):
         try:
@@ -352,8 +375,9 @@ def predict_files(
             failures += [f"skipped case '{case.case_id}': {p}" for p in exc.problems]
     for line in failures:
         log.error("%s", line)
+    checkpoints = ", ".join(ref.path for ref in refs)
     log.info(
-        "wrote %d of %d cases to %s (checkpoint %s)", written, len(cases), output_dir, ref.path
+        "wrote %d of %d cases to %s (checkpoint %s)", written, len(cases), output_dir, checkpoints
     )
     return failures
 

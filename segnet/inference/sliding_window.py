@@ -9,7 +9,7 @@ importance at the end. Where one window covers a voxel the result is that window
 several do, it is their importance-weighted mean.
 
 Speed: the forward pass (model, mirroring, softmax, weighting) is one ``tf.function`` with the
-fixed input signature ``(batch_size, *window, channels)``. It is cached per (predict_fn, window,
+fixed input signature ``(batch_size, *window, channels)``. It is cached per (predict_fns, window,
 channels, classes, batch size, mirror axes, spatial dims), so evaluating many cases of any size
 traces the model once; the last partial batch is padded instead of retraced. The cache keeps the
 last few predict_fns (and so their models) alive; pass the same callable for every case.
@@ -139,22 +139,22 @@ _forward_cache: collections.OrderedDict[tuple[object, _ForwardSpec], Callable] =
 )
 
 
-def _compiled_forward(predict_fn: PredictFn, spec: _ForwardSpec) -> Callable:
-    """The cached ``forward(batch, importance) -> weighted probabilities`` for predict_fn."""
-    key = (predict_fn, spec)
+def _compiled_forward(predict_fns: tuple[PredictFn, ...], spec: _ForwardSpec) -> Callable:
+    """The cached ``forward(batch, importance) -> weighted probabilities`` for predict_fns."""
+    key = (predict_fns, spec)
     try:
         forward = _forward_cache.pop(key)
     except KeyError:
-        forward = _build_forward(predict_fn, spec)
+        forward = _build_forward(predict_fns, spec)
     except TypeError:  # an unhashable callable: compile it for this call only
-        return _build_forward(predict_fn, spec)
+        return _build_forward(predict_fns, spec)
     _forward_cache[key] = forward  # most recently used last
     while len(_forward_cache) > _CACHE_SIZE:
         _forward_cache.popitem(last=False)
     return forward
 
 
-def _build_forward(predict_fn: PredictFn, spec: _ForwardSpec) -> Callable:
+def _build_forward(predict_fns: tuple[PredictFn, ...], spec: _ForwardSpec) -> Callable:
     # Every subset of the mirror axes, the empty one included, as axes of the batch tensor.
     flips = [
         [axis + 1 for axis in subset]
@@ -165,15 +165,26 @@ def _build_forward(predict_fn: PredictFn, spec: _ForwardSpec) -> Callable:
 
     @tf.function(input_signature=(batch_spec, tf.TensorSpec(spec.window, tf.float32)))
     def forward(batch: tf.Tensor, importance: tf.Tensor) -> tf.Tensor:
-        importance /= len(flips)
-        total = _weighted_softmax(_logits(predict_fn, batch, spec), importance)
+        importance /= len(flips) * len(predict_fns)
+        total = _summed_softmax(predict_fns, batch, importance, spec)
         for axes in flips[1:]:  # a Python loop: unrolled once, at trace time
-            logits = _logits(predict_fn, tf.reverse(batch, axes), spec)
+            weighted = _summed_softmax(predict_fns, tf.reverse(batch, axes), importance, spec)
             # Weighting before flipping back is exact: importance maps are mirror-symmetric.
-            total += tf.reverse(_weighted_softmax(logits, importance), axes)
+            total += tf.reverse(weighted, axes)
         return total
 
     return forward
+
+
+def _summed_softmax(
+    predict_fns: tuple[PredictFn, ...], batch: tf.Tensor, importance: tf.Tensor, spec: _ForwardSpec
+) -> tf.Tensor:
+    """The sum over models of ``softmax(logits) * importance`` for one (flipped) batch.
+
+    Summed over the models before the flips, so an ensemble of one model's copies adds exact
+    halves (quarters...) of that model's values and gives its probabilities bit for bit.
+    """
+    return tf.add_n([_weighted_softmax(_logits(fn, batch, spec), importance) for fn in predict_fns])
 
 
 def _logits(predict_fn: PredictFn, batch: tf.Tensor, spec: _ForwardSpec) -> tf.Tensor:
@@ -275,7 +286,7 @@ def _importance_sum(
 # ---------------------------------------------------------------------------------------------
 def sliding_window_inference(
     volume: np.ndarray,
-    predict_fn: PredictFn,
+    predict_fn: PredictFn | Sequence[PredictFn],
     window: Sequence[int],
     *,
     num_classes: int,
@@ -297,7 +308,8 @@ def sliding_window_inference(
         predict_fn: ``logits = predict_fn(batch)``, a Keras model (called in inference mode)
             or any TensorFlow-traceable function. 3D: (batch, *window, channels) ->
             (batch, *window, num_classes). 2D (``spatial_dims=2``): (batch, height, width,
-            channels) -> (batch, height, width, num_classes).
+            channels) -> (batch, height, width, num_classes). A list or tuple of them is an
+            ensemble: the mean of their softmaxes is blended (see the module docstring).
         window: (depth, height, width) of one window; for 2D models (1, height, width), so
             each window is one slice.
         num_classes: classes of the logits, background included (>= 2).
@@ -334,7 +346,8 @@ def sliding_window_inference(
     on_device = not accumulate_on_cpu and _accelerator_present()
     accumulator_type = _DeviceAccumulator if on_device else _HostAccumulator
     accumulator = accumulator_type(padded.shape[:3], num_classes)
-    forward = _compiled_forward(predict_fn, spec)
+    predict_fns = tuple(predict_fn) if isinstance(predict_fn, list | tuple) else (predict_fn,)
+    forward = _compiled_forward(predict_fns, spec)
     importance_tensor = tf.constant(importance)
     for batch, starts in _window_batches(padded, positions, size, batch_size, progress):
         accumulator.add(forward(batch, importance_tensor), starts, size)
@@ -345,7 +358,7 @@ def sliding_window_inference(
 
 def configured_sliding_window(
     volume: np.ndarray,
-    predict_fn: PredictFn,
+    predict_fn: PredictFn | Sequence[PredictFn],
     config: ExperimentConfig,
     *,
     spatial_dims: int = 3,
@@ -355,7 +368,7 @@ def configured_sliding_window(
 
     Args:
         volume: (depth, height, width, channels), preprocessed like the training cases.
-        predict_fn: as for :func:`sliding_window_inference`.
+        predict_fn: as for :func:`sliding_window_inference` (several: an ensemble).
         config: reads ``window``, ``evaluation`` and ``data.num_classes``.
         spatial_dims: 2 for a model that predicts axial slices, else 3. A 2D window is one
             slice, so a batch holds as many slices as a 3D window has (the same memory).

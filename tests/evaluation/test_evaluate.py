@@ -437,3 +437,71 @@ def test_asking_for_best_on_its_own_cases_is_scored_with_a_warning(
     document = evaluate_run(run, "best", quiet=True)["best"]
     assert "optimistic" in document["checkpoint_selection"]
     assert any("optimistic" in r.message for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensembles: their evaluation belongs to no single run
+# ---------------------------------------------------------------------------------------------
+def predictions(folder: Path) -> dict[str, np.ndarray]:
+    return {
+        p.name: np.asarray(nib.load(str(p)).dataobj)
+        for p in sorted((folder / "predictions").iterdir())
+    }
+
+
+def test_an_ensemble_of_a_run_and_its_copy_scores_exactly_as_the_run(run: Path, tmp_path: Path):
+    copy = Path(shutil.copytree(run, tmp_path / "copy"))
+    single = evaluate_run(run, "best", quiet=True)["best"]
+    results = evaluate_run([run, copy], "best", quiet=True)
+    assert list(results) == ["ensemble-run+copy-best"]
+    folder = tmp_path / "evaluation" / "ensemble-run+copy-best"  # beside the runs
+    stored = json.loads((folder / "metrics.json").read_text())
+    assert json.dumps(stored["per_case"], sort_keys=True) == json.dumps(
+        single["per_case"], sort_keys=True
+    )
+    ensemble, alone = predictions(folder), predictions(run / "evaluation" / "best")
+    assert list(ensemble) == [f"{case}.nii.gz" for case in HELD_OUT]
+    for name, labels in alone.items():
+        np.testing.assert_array_equal(ensemble[name], labels)
+    assert [member["run"] for member in stored["runs"]] == [str(run), str(copy)]
+    assert stored["checkpoint"] == [member["checkpoint"] for member in stored["runs"]]
+    assert stored["checkpoint"][1].startswith(str(copy / "checkpoints" / "best"))
+    assert not (copy / "evaluation").exists()
+
+
+def test_each_member_picks_its_checkpoint_and_says_which_cases_it_trained_on(
+    run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    other = Path(shutil.copytree(run, tmp_path / "other"))
+    stored = yaml.safe_load((other / "config.yaml").read_text())
+    stored["data"]["split"]["val"] = ["case_0", "case_1"]  # it trained on case_4 and case_5
+    (other / "config.yaml").write_text(yaml.safe_dump(stored))
+    results = evaluate_run([run, other], quiet=True)
+    assert list(results) == ["ensemble-run+other-latest+best"]
+    first, second = results["ensemble-run+other-latest+best"]["runs"]
+    assert (first["cases_that_chose_best"], first["cases_trained_on"]) == (HELD_OUT, [])
+    assert (second["cases_that_chose_best"], second["cases_trained_on"]) == ([], HELD_OUT)
+    assert second["checkpoint_selection"].startswith("best by default")
+    assert any(str(other) in r.message and "optimistic" in r.message for r in caplog.records)
+
+
+def test_an_ensemble_of_runs_in_different_folders_needs_output_dir(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    copy = Path(shutil.copytree(run, tmp_path / "elsewhere" / "copy"))
+    assert evaluate_main(["--run", str(run), str(copy), "--checkpoint", "best", "--quiet"]) == 2
+    assert "--output-dir" in capsys.readouterr().err
+    assert not (tmp_path / "evaluation").exists()
+    results = tmp_path / "results"
+    argv = ["--run", str(run), str(copy), "--checkpoint", "best", "--output-dir", str(results)]
+    assert evaluate_main([*argv, "--quiet"]) == 0
+    assert (results / "ensemble-run+copy-best" / "metrics.json").is_file()
+
+
+def test_checkpoint_all_is_refused_for_an_ensemble(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    copy = Path(shutil.copytree(run, tmp_path / "copy"))
+    assert evaluate_main(["--run", str(run), str(copy), "--checkpoint", "all", "--quiet"]) == 2
+    assert "--checkpoint all" in capsys.readouterr().err
+    assert not (tmp_path / "evaluation").exists()

@@ -13,12 +13,14 @@ import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlo
 
 # isort: split
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 from scipy import ndimage
 
 from segnet.cli import predict_main
@@ -26,6 +28,7 @@ from segnet.config import ExperimentConfig, build_config
 from segnet.data.preprocessing import DatasetFingerprint
 from segnet.data.volumes import make_geometry, read_volume, write_volume
 from segnet.errors import ConfigError, RunDirError, UserError
+from segnet.inference import loading
 from segnet.inference.predict import (
     Predictor,
     collect_cases,
@@ -233,8 +236,12 @@ def test_collect_cases_reports_missing_and_foreign_inputs(tmp_path: Path):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained 2-channel run saved with the trainer's own checkpoint code (latest + best)."""
-    run = tmp_path_factory.mktemp("run") / "run"
+    return save_untrained_run(tmp_path_factory.mktemp("run") / "run")
+
+
+def save_untrained_run(run: Path) -> Path:
+    """An untrained 2-channel run saved with the trainer's own checkpoint code (latest + best);
+    each call draws other initial weights."""
     config = make_config(num_channels=2)
     initialise_run_dir(run, config)
     fingerprint = DatasetFingerprint((1.0, 1.0, 1.0), SHAPE, 4)
@@ -396,3 +403,112 @@ def test_segnets_own_earlier_predictions_are_replaced(run_dir: Path, tmp_path: P
     header = nib.load(str(output / "case.nii.gz")).header
     assert header["descrip"].item().startswith(b"segnet")
     assert predict_files(run_dir, [tmp_path / "in"], output, "latest", quiet=True) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensembles: several runs average their softmax
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def other_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_untrained_run(tmp_path_factory.mktemp("other") / "other")
+
+
+def predicted_probabilities(runs: Path | list[Path], inputs: Path, output: Path) -> np.ndarray:
+    overrides = ["evaluation.save_probabilities=true"]
+    assert predict_files(runs, [inputs], output, overrides=overrides, quiet=True) == []
+    return np.asarray(nib.load(str(output / "case_probabilities.nii.gz")).dataobj)
+
+
+def edit_stored(run: Path, **changes: object) -> None:
+    """Sets dotted keys (``section__key``) in a run's config.yaml."""
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    for key, value in changes.items():
+        section, name = key.split("__")
+        stored[section][name] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(stored))
+
+
+def test_an_ensemble_of_a_run_and_its_copy_predicts_exactly_as_the_run(
+    run_dir: Path, tmp_path: Path
+):
+    inputs = write_two_channel_case(tmp_path / "in", "case").parent
+    copy = Path(shutil.copytree(run_dir, tmp_path / "copy"))
+    single = predicted_probabilities(run_dir, inputs, tmp_path / "single")
+    ensemble = predicted_probabilities([run_dir, copy], inputs, tmp_path / "ensemble")
+    np.testing.assert_array_equal(ensemble, single)
+    labels = [
+        nib.load(str(p / "case.nii.gz")) for p in (tmp_path / "single", tmp_path / "ensemble")
+    ]
+    np.testing.assert_array_equal(labels[1].dataobj, labels[0].dataobj)
+
+
+def test_an_ensemble_averages_the_runs_softmax_on_the_scans_grid(
+    run_dir: Path, other_run_dir: Path, tmp_path: Path
+):
+    scan = write_two_channel_case(tmp_path / "in", "case")
+    first = predicted_probabilities(run_dir, scan.parent, tmp_path / "first")
+    second = predicted_probabilities(other_run_dir, scan.parent, tmp_path / "second")
+    output = tmp_path / "ensemble"
+    ensemble = predicted_probabilities([run_dir, other_run_dir], scan.parent, output)
+    assert np.abs(first - second).max() > 1e-3  # two models that do disagree
+    np.testing.assert_allclose(ensemble, (first + second) / 2, rtol=1e-5, atol=1e-6)
+    for written in (output / "case.nii.gz", output / "case_probabilities.nii.gz"):
+        assert_same_grid(written, scan)
+        assert nib.load(str(written)).header["descrip"].item() == b"segnet prediction"
+    labels = np.asarray(nib.load(str(output / "case.nii.gz")).dataobj)
+    np.testing.assert_array_equal(labels, np.argmax(ensemble, axis=-1))
+
+
+def _differ_in_config(run: Path, other: Path) -> str:
+    edit_stored(other, data__num_classes=4)
+    return "data.num_classes"
+
+
+def _differ_in_preprocessing(run: Path, other: Path) -> str:
+    edit_stored(other, preprocessing__normalization="zscore")
+    return "preprocessing.normalization"
+
+
+def _differ_in_fingerprint(run: Path, other: Path) -> str:
+    for each in (run, other):  # resampling to the fingerprint's median spacing
+        edit_stored(each, preprocessing__resample=True)
+    fingerprint = json.loads((other / "fingerprint.json").read_text())
+    (other / "fingerprint.json").write_text(json.dumps({**fingerprint, "spacing": [1, 1, 2]}))
+    return "fingerprint.json spacing"
+
+
+@pytest.mark.parametrize(
+    "differ", [_differ_in_config, _differ_in_preprocessing, _differ_in_fingerprint]
+)
+def test_runs_that_disagree_on_input_or_output_are_refused_naming_the_key(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, differ
+):
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    other = Path(shutil.copytree(run_dir, tmp_path / "other"))
+    key = differ(run, other)
+    inputs = write_two_channel_case(tmp_path / "in", "case").parent
+    output = tmp_path / "out"
+    argv = ["--run", str(run), str(other), "--input", str(inputs), "--output", str(output)]
+    assert predict_main([*argv, "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert key in error and str(other) in error and "Traceback" not in error
+    assert not output.exists()
+
+
+def test_a_folder_of_runs_stands_for_the_runs_inside(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    parent = tmp_path / "cv"
+    for fold in ("fold_2", "fold_1"):
+        shutil.copytree(run_dir, parent / fold)
+    (parent / "notes").mkdir()  # neither a run nor a file: not a member
+    (parent / "README.txt").write_text("five folds")
+    assert loading.expand_runs([parent]) == [parent / "fold_1", parent / "fold_2"]
+    assert loading.expand_runs([parent / "fold_2", run_dir]) == [parent / "fold_2", run_dir]
+    with pytest.raises(RunDirError, match="given twice"):
+        loading.expand_runs([parent, parent / "fold_1"])
+    inputs = write_two_channel_case(tmp_path / "in", "case").parent
+    argv = ["--run", str(parent), "--input", str(inputs), "--output", str(tmp_path / "out")]
+    assert predict_main(argv) == 0
+    checkpoints = [line for line in capsys.readouterr().err.splitlines() if "wrote 1 of 1" in line]
+    assert len(checkpoints) == 1 and "fold_1" in checkpoints[0] and "fold_2" in checkpoints[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
 
 # isort: split
+import itertools
 import time
 
 import keras
@@ -415,3 +416,54 @@ def test_brats_sized_volume_finishes_quickly():
     assert result.shape == (240, 240, 155, NUM_CLASSES)
     _assert_close(result[::7, ::7, ::7], _direct(volume[::7, ::7, ::7]))
     assert elapsed < 60, f"{elapsed:.1f} s for 240x240x155"
+
+
+# --- Ensembles --------------------------------------------------------------------------------
+
+
+def _damped_ramp(x: tf.Tensor) -> tf.Tensor:
+    """Another position-dependent model, disagreeing with _with_ramp on most voxels."""
+    return 0.5 - 0.7 * _with_ramp(x[..., ::-1])
+
+
+def _mean_softmax_by_hand(volume: np.ndarray, models, mirror_axes: tuple[int, ...]) -> np.ndarray:
+    """The mean over models and mirrorings of the softmax of one pass over the whole volume."""
+    probabilities = []
+    for model in models:
+        for r in range(len(mirror_axes) + 1):
+            for subset in itertools.combinations(mirror_axes, r):
+                axes = [a + 1 for a in subset]
+                logits = model(tf.constant(np.flip(volume[None], axes)))
+                probabilities.append(np.flip(tf.nn.softmax(logits).numpy(), axes)[0])
+    return np.mean(probabilities, axis=0)
+
+
+@pytest.mark.parametrize("mirror_axes", [(), (0, 2)])
+def test_an_ensemble_gives_the_mean_of_its_models_softmax(mirror_axes):
+    shape = (6, 7, 5)  # one window covering the volume, so the blend is that window alone
+    volume = _volume(shape, seed=3)
+    models = [_with_ramp, _damped_ramp]
+    result = sliding_window_inference(
+        volume, models, shape, num_classes=NUM_CLASSES, mirror_axes=mirror_axes
+    )
+    _assert_close(result, _mean_softmax_by_hand(volume, models, mirror_axes))
+    single = _mean_softmax_by_hand(volume, models[:1], mirror_axes)
+    assert np.abs(result - single).max() > 0.05  # the second model does count
+
+
+def test_an_ensemble_blends_in_probability_space(accumulate_on_cpu):
+    volume = _volume((17, 18, 19), seed=4)
+    kwargs = dict(num_classes=NUM_CLASSES, overlap=0.5, mirror_axes=(1,), batch_size=3)
+    kwargs["accumulate_on_cpu"] = accumulate_on_cpu
+    first = sliding_window_inference(volume, _with_ramp, (8, 9, 7), **kwargs)
+    second = sliding_window_inference(volume, _damped_ramp, (8, 9, 7), **kwargs)
+    ensemble = sliding_window_inference(volume, (_with_ramp, _damped_ramp), (8, 9, 7), **kwargs)
+    _assert_close(ensemble, (first + second) / 2)
+
+
+def test_an_ensemble_of_one_model_twice_is_that_model_bit_for_bit():
+    volume = _volume((17, 18, 19), seed=5)
+    kwargs = dict(num_classes=NUM_CLASSES, overlap=0.5, mirror_axes=(0, 1, 2), batch_size=2)
+    single = sliding_window_inference(volume, _with_ramp, (8, 9, 7), **kwargs)
+    twice = sliding_window_inference(volume, [_with_ramp, _with_ramp], (8, 9, 7), **kwargs)
+    np.testing.assert_array_equal(twice, single)
