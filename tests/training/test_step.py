@@ -86,13 +86,14 @@ def test_one_step_updates_weights_and_reports_counts(policy: str | None, jit_com
     )
 
 
-@pytest.mark.parametrize("policy", [None, "mixed_bfloat16"])
+@pytest.mark.parametrize("policy", [None, "mixed_bfloat16", "mixed_float16"])
 def test_weight_averages_follow_the_warmed_up_decay_by_hand(policy: str | None) -> None:
     model = _model(policy)
     decay = 0.2  # the first step warms up: min(0.2, 2/11); the next ones use 0.2
     average = WeightAverage(model, decay)
     expected = [np.asarray(v, np.float64) for v in model.trainable_variables]
-    step, _ = _step(model, "optimizer.learning_rate=0.5", average=average)
+    precision = [f"runtime.precision={policy}"] if policy else []
+    step, _ = _step(model, "optimizer.learning_rate=0.5", *precision, average=average)
     for t in (1, 2, 3):
         step(_batch(), tf.constant(0.0))
         d = min(decay, (1 + t) / (10 + t))
