@@ -4,8 +4,9 @@ One step, on each replica: forward pass in the compute precision, loss in float3
 of ``loss / replicas`` (the loss scale applied for float16), then the gradients are summed over
 replicas, clipped by their global norm (of the true, unscaled gradient) and applied. With
 ``train.ema_decay`` the weight averages then move towards the new weights, on every device
-(:mod:`segnet.training.ema`). The step also returns the hard confusion counts of the batch for the running Dice, and a flag that is
-raised when any worker was asked to stop, so that every worker stops at the same step.
+(:mod:`segnet.training.ema`). The step also returns the hard confusion counts of the batch for
+the running Dice, and a flag that is raised when any worker was asked to stop, so that every
+worker stops at the same step.
 """
 
 from __future__ import annotations
