@@ -2,10 +2,11 @@
 
 A checkpoint holds everything the next step depends on: the model (weights, normalisation
 statistics and the dropout seed generators' states), the optimizer (slots, iteration count and
-the float16 loss scale), the weight averages when ``train.ema_decay`` is on, the step, the number of finished epochs, and the best validation score
-so far. The data pipeline is a pure function of ``train.seed`` and the step, so the step is
-its position. No other random state needs saving: the global seeds are set from ``train.seed``
-at every start, and during training randomness comes only from those two sources.
+the float16 loss scale), the weight averages when ``train.ema_decay`` is on, the step, the
+number of finished epochs, and the best validation score so far. The data pipeline is a pure
+function of ``train.seed`` and the step, so the step is its position. No other random state
+needs saving: the global seeds are set from ``train.seed`` at every start, and during training
+randomness comes only from those two sources.
 
 Layout, in ``<run_dir>/checkpoints``::
 
