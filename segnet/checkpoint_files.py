@@ -3,28 +3,47 @@
 The trainer saves and restores whole checkpoints (``segnet.training.checkpoints``); inference
 restores only the model from them (``segnet.inference.loading``). Both must spell the model's
 place in the checkpoint's object graph the same way: :func:`model_objects` is that spelling,
-so neither side can rename it without the other following.
+so neither side can rename it without the other following. The same goes for the averaged
+weights of a run with ``train.ema_decay``: training saves them with :func:`average_objects`,
+and inference restores them into the model by the same name (``model_objects(averaged=True)``).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import keras
 import tensorflow as tf
 
+AVERAGE = "ema"  # the averaged trainable weights, in the order of model.trainable_variables
 
-def model_objects(model: keras.Model) -> dict[str, Any]:
+
+def model_objects(model: keras.Model, *, averaged: bool = False) -> dict[str, Any]:
     """The model's entries of a ``tf.train.Checkpoint``.
 
     Keras 3 layers do not expose their SeedGenerator states to tf.train tracking, so the
     model's non-trainable variables (seed states, BatchNorm moving statistics) are listed
     explicitly next to the model; variables reachable twice are stored once. A model built from
     the same config lists them in the same order.
+
+    Args:
+        model: the model.
+        averaged: name the model's trainable variables as the weight averages that
+            :func:`average_objects` saved, so that restoring puts the averages into the model
+            (inference of a run with ``train.ema_decay``); the live weights stay unread.
     """
-    return {"model": model, "model_state": list(model.non_trainable_variables)}
+    state = {"model_state": list(model.non_trainable_variables)}
+    if averaged:
+        return {**average_objects(model.trainable_variables), **state}
+    return {"model": model, **state}
+
+
+def average_objects(variables: Sequence[Any]) -> dict[str, Any]:
+    """The checkpoint entry of the weight averages, one per trainable variable, in order."""
+    return {AVERAGE: list(variables)}
 
 
 def checkpoint_candidates(directory: Path) -> list[str]:

@@ -391,6 +391,12 @@ class TrainConfig:
     val_every: int = 1  # validate every N epochs (0 disables validation)
     val_max_cases: int = 0  # validate on at most this many held-out cases (0 = all)
     deterministic: bool = False  # tf.config.experimental.enable_op_determinism
+    ema_decay: float | None = None  # weight EMA to validate and export, e.g. 0.999; null/0: off
+
+    @property
+    def averages_weights(self) -> bool:
+        """Whether an exponential moving average of the weights is kept (``ema_decay``)."""
+        return bool(self.ema_decay)
 
     def validate(self) -> Problems:
         problems: Problems = []
@@ -402,6 +408,13 @@ class TrainConfig:
                 problems.append((name, f"must be >= 0, got {getattr(self, name)}"))
         if not 0 <= self.seed <= MAX_SEED:
             problems.append(("seed", f"must be in 0..{MAX_SEED}, got {self.seed}"))
+        if self.ema_decay and not 0.0 < self.ema_decay < 1.0:
+            problems.append(
+                (
+                    "ema_decay",
+                    f"must be in (0, 1), typically 0.999, or null/0 for off; got {self.ema_decay}",
+                )
+            )
         return problems
 
 

@@ -89,6 +89,19 @@ def test_each_mistake_names_its_dotted_path(data: dict, expected: str):
     assert any(p.startswith(expected) for p in problems), problems
 
 
+@pytest.mark.parametrize("decay", [1, 1.0, 1.5, -0.1, ".nan"])
+def test_ema_decay_must_lie_strictly_between_0_and_1(decay: object):
+    problems = problems_of({}, [f"train.ema_decay={decay}"])
+    assert any(p.startswith("train.ema_decay:") for p in problems), problems
+
+
+@pytest.mark.parametrize(("decay", "on"), [("null", False), ("0", False), ("0.999", True)])
+def test_ema_decay_null_or_0_is_off(decay: str, on: bool):
+    config = build_config({}, [f"train.ema_decay={decay}"])
+    assert config.train.averages_weights is on
+    assert build_config(config_to_dict(config)) == config
+
+
 def test_patch_size_must_divide_by_the_unet_divisor():
     data = {
         "model": {"name": "unet3d", "unet3d": {"depth": 3, "input_downsample": 2}},
@@ -180,6 +193,7 @@ valid_overrides = st.fixed_dictionaries(
         "train.epochs": st.integers(1, 1000),
         "train.batch_size": st.integers(1, 64),
         "train.seed": st.integers(0, 2**31),
+        "train.ema_decay": st.one_of(st.none(), st.floats(1e-6, 0.999999)),
         "optimizer.learning_rate": st.floats(1e-6, 1.0),
         "optimizer.name": st.sampled_from(["sgd", "adamw"]),
         "model.segnet.depth": st.integers(1, 7),

@@ -15,7 +15,8 @@ and output (:func:`check_ensemble`).
 
 Weights are restored into a model built from the run's stored ``config.yaml`` under the
 process's Keras dtype policy (float32 unless the caller set another): the stored variables are
-float32 whatever ``runtime.precision`` trained them.
+float32 whatever ``runtime.precision`` trained them. A run trained with ``train.ema_decay``
+gives its averaged weights, the ones its validation scored and its export holds.
 """
 
 from __future__ import annotations
@@ -353,7 +354,8 @@ def load_model(config: ExperimentConfig, ref: CheckpointRef) -> keras.Model:
             "write a new one"
         )
     model = build_model(config)
-    checkpoint = tf.train.Checkpoint(**model_objects(model))
+    averaged = config.train.averages_weights
+    checkpoint = tf.train.Checkpoint(**model_objects(model, averaged=averaged))
     try:
         checkpoint.restore(ref.path).expect_partial().assert_existing_objects_matched()
     except tf.errors.OpError as exc:
@@ -363,7 +365,7 @@ def load_model(config: ExperimentConfig, ref: CheckpointRef) -> keras.Model:
             f"{ref.path}: the checkpoint does not fit the model in the run's {CONFIG_NAME} "
             f"({first_line(exc)}); was the config edited after training?"
         ) from None
-    log.info("loaded %s", ref.path)
+    log.info("loaded %s%s", ref.path, " (averaged weights, train.ema_decay)" if averaged else "")
     return model
 
 

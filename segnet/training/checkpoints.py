@@ -2,10 +2,11 @@
 
 A checkpoint holds everything the next step depends on: the model (weights, normalisation
 statistics and the dropout seed generators' states), the optimizer (slots, iteration count and
-the float16 loss scale), the step, the number of finished epochs, and the best validation score
-so far. The data pipeline is a pure function of ``train.seed`` and the step, so the step is
-its position. No other random state needs saving: the global seeds are set from ``train.seed``
-at every start, and during training randomness comes only from those two sources.
+the float16 loss scale), the weight averages when ``train.ema_decay`` is on, the step, the
+number of finished epochs, and the best validation score so far. The data pipeline is a pure
+function of ``train.seed`` and the step, so the step is its position. No other random state
+needs saving: the global seeds are set from ``train.seed`` at every start, and during training
+randomness comes only from those two sources.
 
 Layout, in ``<run_dir>/checkpoints``::
 
@@ -32,6 +33,7 @@ import keras
 import tensorflow as tf
 
 from segnet.checkpoint_files import (
+    average_objects,
     checkpoint_candidates,
     first_line,
     model_objects,
@@ -39,6 +41,7 @@ from segnet.checkpoint_files import (
 )
 from segnet.errors import RunDirError
 from segnet.run_dir import BEST_DIR, explain_os_error
+from segnet.training.ema import WeightAverage
 
 log = logging.getLogger("segnet")
 NO_SCORE = -1.0  # best_score before any validation
@@ -72,11 +75,20 @@ class TrainState:
 
 
 def build_checkpoint(
-    model: keras.Model, optimizer: keras.optimizers.Optimizer, state: TrainState
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    state: TrainState,
+    average: WeightAverage | None = None,
 ) -> tf.train.Checkpoint:
-    """The object graph that is saved. The optimizer must be built (its slots exist)."""
+    """The object graph that is saved. The optimizer must be built (its slots exist).
+
+    Without ``average`` (``train.ema_decay`` off) it holds exactly what it held before weight
+    averaging existed, so older runs resume.
+    """
+    averages = average_objects(average.averages) if average is not None else {}
     return tf.train.Checkpoint(
         **model_objects(model),
+        **averages,
         optimizer=optimizer,
         step=state.step,
         epochs_done=state.epochs_done,

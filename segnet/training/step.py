@@ -2,9 +2,11 @@
 
 One step, on each replica: forward pass in the compute precision, loss in float32, gradients
 of ``loss / replicas`` (the loss scale applied for float16), then the gradients are summed over
-replicas, clipped by their global norm (of the true, unscaled gradient) and applied. The step
-also returns the hard confusion counts of the batch for the running Dice, and a flag that is
-raised when any worker was asked to stop, so that every worker stops at the same step.
+replicas, clipped by their global norm (of the true, unscaled gradient) and applied. With
+``train.ema_decay`` the weight averages then move towards the new weights, on every device
+(:mod:`segnet.training.ema`). The step also returns the hard confusion counts of the batch for
+the running Dice, and a flag that is raised when any worker was asked to stop, so that every
+worker stops at the same step.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from segnet.losses import LossFn
+from segnet.training.ema import WeightAverage
 from segnet.training.optimizers import clip_by_global_norm
 
 Batch = Any  # (images, labels), per-replica values under a distribution strategy
@@ -64,6 +67,7 @@ def make_train_step(
     num_classes: int,
     clip_norm: float | None,
     jit_compile: bool = False,
+    average: WeightAverage | None = None,
 ) -> Callable[[Batch, tf.Tensor], StepOutput]:
     """``step(batch, stop) -> StepOutput``: one optimizer update on a distributed batch.
 
@@ -75,6 +79,7 @@ def make_train_step(
         num_classes: classes, background included.
         clip_norm: global gradient norm limit (None: no clipping).
         jit_compile: compile the per-replica step with XLA.
+        average: the weight averages to update after each update (None: no averaging).
 
     Returns:
         The step function; ``batch`` comes from the distributed dataset's iterator, ``stop``
@@ -113,6 +118,8 @@ def make_train_step(
     def step(batch: Batch, stop: tf.Tensor) -> StepOutput:
         images, labels = batch
         loss, counts, norm, stop = strategy.run(replica_step, args=(images, labels, stop))
+        if average is not None:  # reads the weights the replicas have just updated
+            average.update(strategy, optimizer.iterations)
         mean = tf.distribute.ReduceOp.MEAN
         total = tf.distribute.ReduceOp.SUM
         return StepOutput(

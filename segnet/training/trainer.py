@@ -15,6 +15,9 @@ Read top to bottom, :func:`train` does:
    write metrics.csv, progress.png and TensorBoard.
 6. Export ``model.keras`` and a SavedModel.
 
+With ``train.ema_decay`` validation and the export use the averaged weights
+(:mod:`segnet.training.ema`).
+
 Stopping: SIGINT/SIGTERM save a checkpoint at the next step boundary and return normally with
 a resume hint. A non-finite loss stops without saving the bad state; out of memory and a full
 disk stop with one sentence saying what to change.
@@ -70,6 +73,7 @@ from segnet.training.checkpoints import (
     checkpoint_has_loss_scale,
 )
 from segnet.training.distribute import Cluster, WriteDir, build_strategy, synchronize_batchnorm
+from segnet.training.ema import WeightAverage
 from segnet.training.export import export_model
 from segnet.training.held_out import ValidationResult, validate
 from segnet.training.optimizers import build_optimizer
@@ -105,7 +109,8 @@ class TrainResult:
         epochs_done: finished epochs.
         best_score: best mean foreground validation Dice, or None before any validation.
         interrupted: stopped by SIGINT/SIGTERM (a checkpoint was saved; run again to resume).
-        model: the trained model.
+        model: the trained model; with ``train.ema_decay``, its averaged weights (as exported)
+            unless interrupted.
     """
 
     run_dir: Path
@@ -292,10 +297,12 @@ class _Session:
             self.model = build_model(config)
             self.optimizer = build_optimizer(config)
             self.optimizer.build(self.model.trainable_variables)
+            decay = config.train.ema_decay
+            self.average = WeightAverage(self.model, decay) if decay else None
         self.synchronised_batchnorms = (
             synchronize_batchnorm(self.model) if config.runtime.sync_batchnorm else 0
         )
-        checkpoint = build_checkpoint(self.model, self.optimizer, self.state)
+        checkpoint = build_checkpoint(self.model, self.optimizer, self.state, self.average)
         self.checkpoints = Checkpoints(
             checkpoint,
             RunLayout(run_dir).checkpoints,
@@ -306,6 +313,8 @@ class _Session:
         self.last_saved = self.step if self.restored else -1
         # A resumed run has stage 1 in its own checkpoint; only a fresh one copies it in.
         self.stage1_source = None if self.restored else load_stage1_weights(self.model, config)
+        if self.stage1_source and self.average is not None:
+            self.average.reset()  # average from the copied-in weights, not the random ones
         self.train_step = make_train_step(
             self.model,
             self.optimizer,
@@ -314,6 +323,7 @@ class _Session:
             num_classes=config.data.num_classes,
             clip_norm=config.optimizer.clip_norm,
             jit_compile=config.runtime.jit_compile,
+            average=self.average,
         )
         self.predict_fn = make_predict_fn(self.model)
 
@@ -366,6 +376,8 @@ class _Session:
                     return self._stop_here()
         finally:
             self.reporter.close()
+        if self.average is not None:  # trained and saved: the model is now the averaged one
+            self.average.copy_to_model()
         layout = RunLayout(self.run_dir)
         if first_step == self.step and layout.saved_model.exists():
             log.info("nothing left to train: %d epochs done", train.epochs)
@@ -430,8 +442,10 @@ class _Session:
         )
         if not due or not self.data.val:
             return None
+        averaged = self.average.swapped_in() if self.average else contextlib.nullcontext()
         try:
-            return validate(self.predict_fn, self.data.val, self.config, self.spatial_dims)
+            with averaged:
+                return validate(self.predict_fn, self.data.val, self.config, self.spatial_dims)
         except tf.errors.ResourceExhaustedError:
             raise self._out_of_memory("validation") from None
 

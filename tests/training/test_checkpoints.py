@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.ops import gen_io_ops
 
+from segnet.checkpoint_files import AVERAGE
 from segnet.errors import RunDirError
 from segnet.training.checkpoints import (
     Checkpoints,
@@ -25,6 +26,7 @@ from segnet.training.checkpoints import (
     checkpoint_has_loss_scale,
     verify_checkpoint,
 )
+from segnet.training.ema import WeightAverage
 
 
 def _model(seed: int) -> keras.Model:
@@ -80,6 +82,31 @@ def test_restore_brings_back_every_variable(tmp_path: Path, loss_scale: bool) ->
     assert _checkpoints(tmp_path, fresh).restore() == str(tmp_path / "ckpt-7")
     for a, b in zip(_values(*saved), _values(*fresh)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_weight_averages_are_saved_and_restored_only_when_on(tmp_path: Path) -> None:
+    plain = _objects(0)
+    _checkpoints(tmp_path / "off", plain).save(1)
+    saved = _objects(0)
+    average = WeightAverage(saved[0], 0.9)
+    for shadow in average.averages:
+        shadow.assign_add(tf.ones_like(shadow))
+    Checkpoints(build_checkpoint(*saved, average), tmp_path, tmp_path, 3).save(1)
+
+    def names(path: Path) -> set[str]:
+        return {name for name, _ in tf.train.list_variables(str(path / "ckpt-1"))}
+
+    # Off, a checkpoint holds what it held before averaging existed; on, one entry more per
+    # trainable variable.
+    added = {f"{AVERAGE}/{i}/.ATTRIBUTES/VARIABLE_VALUE" for i in range(len(average.averages))}
+    assert names(tmp_path) - names(tmp_path / "off") == added
+    assert names(tmp_path / "off") <= names(tmp_path)
+
+    fresh = _objects(1)
+    fresh_average = WeightAverage(fresh[0], 0.9)
+    Checkpoints(build_checkpoint(*fresh, fresh_average), tmp_path, tmp_path, 3).restore()
+    for a, b in zip(average.averages, fresh_average.averages):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_dropout_seed_state_is_in_the_checkpoint(tmp_path: Path) -> None:

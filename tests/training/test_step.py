@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from segnet.config import build_config
 from segnet.losses import build_loss
+from segnet.training.ema import WeightAverage
 from segnet.training.optimizers import build_optimizer
 from segnet.training.step import confusion_counts, make_train_step
 
@@ -39,7 +40,12 @@ def _batch() -> tuple[tf.Tensor, tf.Tensor]:
     return images, labels
 
 
-def _step(model: keras.Model, *overrides: str, jit_compile: bool = False):
+def _step(
+    model: keras.Model,
+    *overrides: str,
+    jit_compile: bool = False,
+    average: WeightAverage | None = None,
+):
     config = build_config(
         {"data": {"num_classes": NUM_CLASSES}, "optimizer": {"weight_decay": 0.0}},
         list(overrides),
@@ -54,6 +60,7 @@ def _step(model: keras.Model, *overrides: str, jit_compile: bool = False):
         num_classes=NUM_CLASSES,
         clip_norm=config.optimizer.clip_norm,
         jit_compile=jit_compile,
+        average=average,
     )
     return step, optimizer
 
@@ -77,6 +84,39 @@ def test_one_step_updates_weights_and_reports_counts(policy: str | None, jit_com
     assert all(
         not np.array_equal(a, np.asarray(b)) for a, b in zip(before, model.trainable_variables)
     )
+
+
+@pytest.mark.parametrize("policy", [None, "mixed_bfloat16", "mixed_float16"])
+def test_weight_averages_follow_the_warmed_up_decay_by_hand(policy: str | None) -> None:
+    model = _model(policy)
+    decay = 0.2  # the first step warms up: min(0.2, 2/11); the next ones use 0.2
+    average = WeightAverage(model, decay)
+    expected = [np.asarray(v, np.float64) for v in model.trainable_variables]
+    precision = [f"runtime.precision={policy}"] if policy else []
+    step, _ = _step(model, "optimizer.learning_rate=0.5", *precision, average=average)
+    for t in (1, 2, 3):
+        step(_batch(), tf.constant(0.0))
+        d = min(decay, (1 + t) / (10 + t))
+        weights = [np.asarray(v, np.float64) for v in model.trainable_variables]
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, weights)]
+    for shadow, want, weight in zip(average.averages, expected, model.trainable_variables):
+        assert shadow.dtype == tf.float32  # also under mixed_bfloat16
+        assert not np.allclose(shadow.numpy(), np.asarray(weight))
+        np.testing.assert_allclose(shadow.numpy(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_weight_averages_swap_in_and_the_live_weights_come_back_bit_for_bit() -> None:
+    model = _model()
+    average = WeightAverage(model, 0.5)
+    step, _ = _step(model, average=average)
+    for _ in range(2):
+        step(_batch(), tf.constant(0.0))
+    live = [np.asarray(v) for v in model.trainable_variables]
+    with average.swapped_in():
+        for weight, shadow in zip(model.trainable_variables, average.averages):
+            np.testing.assert_array_equal(np.asarray(weight), shadow.numpy())
+    for weight, before in zip(model.trainable_variables, live):
+        np.testing.assert_array_equal(np.asarray(weight), before)
 
 
 def test_stop_flag_passes_through() -> None:
@@ -121,8 +161,9 @@ def test_float16_step_scales_the_loss() -> None:
 # The step divides the already all-reduced gradients by the replica count because Keras 3's
 # optimizer.apply() sums them over replicas once more (in _backend_update_step, an internal).
 # This child pins both halves in seconds on two logical CPUs: Keras's sum, and our step over
-# two replicas equal to one device on the same global batch. The day Keras stops summing, the
-# first assertion fails and points here (and at step.py).
+# two replicas equal to one device on the same global batch (and the weight averages right on
+# each device). The day Keras stops summing, the first assertion fails and points here (and at
+# step.py).
 _TWO_REPLICAS = """
 import segnet
 import numpy as np, tensorflow as tf
@@ -131,6 +172,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 from segnet.config import build_config
 from segnet.losses import build_loss
+from segnet.training.ema import WeightAverage
 from segnet.training.optimizers import build_optimizer
 from segnet.training.step import make_train_step
 
@@ -155,11 +197,20 @@ def one_step(strategy):
         model = keras.Model(x, keras.layers.Conv3D(3, 3, padding="same")(x))
         optimizer = build_optimizer(config)
         optimizer.build(model.trainable_variables)
+        average = WeightAverage(model, 0.5)
+    initial = [np.asarray(w) for w in model.get_weights()]
     step = make_train_step(model, optimizer, build_loss(config), strategy, num_classes=3,
-                           clip_norm=None)
+                           clip_norm=None, average=average)
     data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2)
     step(next(iter(strategy.experimental_distribute_dataset(data))), tf.constant(0.0))
-    return [np.asarray(w) for w in model.get_weights()]
+    weights = [np.asarray(w) for w in model.get_weights()]
+    d = 2 / 11  # the first update's warmed-up decay
+    wanted = [d * w0 + (1 - d) * w1 for w0, w1 in zip(initial, weights)]
+    # every device's copy of each average, against the formula
+    copies = [getattr(a, "values", (a,)) for a in average.averages]
+    print("ema_error", max(float(np.max(np.abs(c.numpy() - w)))
+                           for cs, w in zip(copies, wanted) for c in cs))
+    return weights
 
 one = one_step(tf.distribute.get_strategy())
 two = one_step(mirrored)
@@ -186,3 +237,4 @@ def test_two_replicas_step_like_one_device_and_keras_still_sums() -> None:
     # SGD with rate 1 moved v by the sum of the two replicas' gradients (-2), not their mean.
     assert float(found["keras_apply_moves"]) == -2.0, "Keras changed: revisit step.py's division"
     assert float(found["max_diff"]) < 1e-6
+    assert float(found["ema_error"]) < 1e-6  # weight averages: on both devices, after the update

@@ -12,7 +12,9 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import nibabel as nib
@@ -21,13 +23,16 @@ import pytest
 import tensorflow as tf
 from training_helpers import assert_same_checkpoints, tiny_config
 
+from segnet.checkpoint_files import AVERAGE
 from segnet.errors import DataError, RunDirError, UserError
+from segnet.inference import loading
 from segnet.training import progress_plot, trainer
 from segnet.training.checkpoints import checkpoint_candidates
 from segnet.training.preemption import StopRequest
 from segnet.training.trainer import DivergedError, OutOfMemoryError, TrainResult, train
 
 EVERY_STEPS = "checkpoint.every_steps=2"
+EMA = "train.ema_decay=0.5"  # low, so that 6 steps leave averages far from the weights
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +40,35 @@ def reference_run(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """The tiny U-Net trained without interruption: 2 epochs of 3 steps."""
     tmp = tmp_path_factory.mktemp("reference")
     return train(tiny_config(tiny_root, tmp, EVERY_STEPS), run_dir=tmp / "run", quiet=True)
+
+
+class EmaRun(NamedTuple):
+    result: TrainResult
+    validated: list[list[np.ndarray]]  # the model's trainable weights at each validation
+
+
+@pytest.fixture(scope="module")
+def ema_run(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> EmaRun:
+    """The reference run with ``train.ema_decay`` on, and the weights each validation saw."""
+    tmp = tmp_path_factory.mktemp("ema")
+    models: list[keras.Model] = []
+    validated: list[list[np.ndarray]] = []
+    make_predict_fn, validate = trainer.make_predict_fn, trainer.validate
+
+    def remember_model(model: keras.Model):
+        models.append(model)
+        return make_predict_fn(model)
+
+    def validate_and_remember(*args, **kwargs):
+        validated.append([v.numpy() for v in models[-1].trainable_variables])
+        return validate(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "make_predict_fn", remember_model)
+        patch.setattr(trainer, "validate", validate_and_remember)
+        config = tiny_config(tiny_root, tmp, EVERY_STEPS, EMA)
+        result = train(config, run_dir=tmp / "run", quiet=True)
+    return EmaRun(result, validated)
 
 
 def test_a_run_writes_a_self_describing_directory(reference_run: TrainResult) -> None:
@@ -185,10 +219,23 @@ class _StopAfter(StopRequest):
         return next(self._questions) >= self._n
 
 
+@pytest.mark.parametrize("averaged", [False, True], ids=["plain", "ema"])
 def test_stop_then_resume_ends_exactly_like_the_uninterrupted_run(
-    reference_run: TrainResult, tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    averaged: bool,
+    request: pytest.FixtureRequest,
+    tiny_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    config = tiny_config(tiny_root, reference_run.run_dir.parent, EVERY_STEPS)
+    # Validation after epoch 1 comes before the stop, so with ema it swaps the averages in and
+    # out in both runs, and the resumed run continues the averages from ckpt-5.
+    reference_run = (
+        request.getfixturevalue("ema_run").result
+        if averaged
+        else (request.getfixturevalue("reference_run"))
+    )
+    extra = [EMA] if averaged else []
+    config = tiny_config(tiny_root, reference_run.run_dir.parent, EVERY_STEPS, *extra)
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
         # Questions 0-2: steps 1-3; 3: after epoch 1; 4: step 4; 5: step 5, which stops.
@@ -204,6 +251,58 @@ def test_stop_then_resume_ends_exactly_like_the_uninterrupted_run(
     )
     with (run / "metrics.csv").open() as handle:
         assert [r["epoch"] for r in csv.DictReader(handle)] == ["1", "2"]
+
+
+def _latest(run: Path) -> str:
+    return checkpoint_candidates(run / "checkpoints")[0]
+
+
+def _averages(checkpoint: str) -> list[np.ndarray]:
+    reader = tf.train.load_checkpoint(checkpoint)
+    count = sum(1 for name in reader.get_variable_to_shape_map() if name.startswith(AVERAGE))
+    return [reader.get_tensor(f"{AVERAGE}/{i}/.ATTRIBUTES/VARIABLE_VALUE") for i in range(count)]
+
+
+def _assert_equal_weights(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_validation_export_and_inference_use_the_weight_averages(ema_run: EmaRun) -> None:
+    run = ema_run.result.run_dir
+    config = loading.load_run_config(run)
+    assert config.train.ema_decay == 0.5
+    (latest,) = loading.resolve_checkpoints(run, "latest")
+    averages = _averages(latest.path)  # ckpt-6, saved right after the last validation
+    assert len(averages) == len(ema_run.result.model.trainable_variables)
+    live = loading.load_model(replace(config, train=replace(config.train, ema_decay=None)), latest)
+    assert not any(
+        np.allclose(a, np.asarray(w)) for a, w in zip(averages, live.trainable_variables)
+    )
+
+    assert len(ema_run.validated) == 2  # once per epoch
+    _assert_equal_weights(ema_run.validated[-1], averages)
+    exported = keras.saving.load_model(run / "export" / "model.keras")
+    _assert_equal_weights(exported.trainable_variables, averages)
+    _assert_equal_weights(ema_run.result.model.trainable_variables, averages)
+    # evaluate.py and predict.py load through loading.load_model
+    _assert_equal_weights(loading.load_model(config, latest).trainable_variables, averages)
+
+
+def test_validating_with_the_averages_leaves_training_unchanged(
+    ema_run: EmaRun, tiny_root: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(tiny_root, tmp_path, EVERY_STEPS, EMA, "train.val_every=0")
+    unvalidated = train(config, run_dir=tmp_path / "run", quiet=True)
+    assert unvalidated.best_score is None
+    assert_same_checkpoints(
+        _latest(unvalidated.run_dir), _latest(ema_run.result.run_dir), ignore=("best_score",)
+    )
+
+
+def test_without_ema_decay_checkpoints_hold_no_averages(reference_run: TrainResult) -> None:
+    assert _averages(_latest(reference_run.run_dir)) == []
 
 
 def test_2d_segnet_trains_on_slices_and_validates_whole_volumes(

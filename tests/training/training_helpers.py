@@ -85,15 +85,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _tensors(checkpoint: str) -> dict[str, np.ndarray]:
+def _tensors(checkpoint: str, ignore: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     reader = tf.train.load_checkpoint(checkpoint)
-    names = [n for n in reader.get_variable_to_shape_map() if "save_counter" not in n]
+    skip = ("save_counter", *ignore)
+    names = [n for n in reader.get_variable_to_shape_map() if not n.startswith(skip)]
     return {n: reader.get_tensor(n) for n in names if n != "_CHECKPOINTABLE_OBJECT_GRAPH"}
 
 
-def assert_same_checkpoints(a: str, b: str) -> None:
-    """Every variable of two checkpoints bit for bit (model, optimizer, counters, best score)."""
-    first, second = _tensors(a), _tensors(b)
+def assert_same_checkpoints(a: str, b: str, ignore: tuple[str, ...] = ()) -> None:
+    """Every variable of two checkpoints bit for bit (model, optimizer, counters, best score,
+    weight averages), but those whose names start with one of ``ignore``."""
+    first, second = _tensors(a, ignore), _tensors(b, ignore)
     assert sorted(first) == sorted(second)
     different = [n for n in first if not np.array_equal(first[n], second[n])]
     assert not different, f"{len(different)} variables differ, e.g. {different[:3]}"
