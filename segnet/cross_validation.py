@@ -40,13 +40,10 @@ from segnet.evaluation.evaluate import evaluate_run
 from segnet.files import FolderLock, atomic_write_text
 from segnet.inference.postprocessing import choose_largest_component_classes
 from segnet.metrics import ClassMetrics, summarize
-from segnet.run_dir import MARKER_NAME, RunLayout, default_run_dir
+from segnet.run_dir import MARKER_NAME, CrossValidationLayout, RunLayout, default_run_dir
 from segnet.training.trainer import train
 
 log = logging.getLogger("segnet")
-PARENT_MARKER = ".segnet-cross-validation"
-SUMMARY_NAME = "cross_validation.json"
-POSTPROCESSING_NAME = "postprocessing.json"
 
 
 @dataclass(frozen=True)
@@ -119,7 +116,8 @@ def cross_validate(
         busy=f"--run-dir {parent}: another cross-validation (pid {{pid}}) "
         "is running here; wait for it to finish",
     ):
-        marker = parent / PARENT_MARKER
+        layout = CrossValidationLayout(parent)
+        marker = layout.marker
         if not marker.is_file():
             atomic_write_text(marker, json.dumps({"folds": list(folds)}) + "\n")
         for fold in folds:
@@ -139,22 +137,22 @@ def cross_validate(
             for fold in folds
         }
         summary = _summary(documents)
-        atomic_write_text(parent / SUMMARY_NAME, json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(layout.summary, json.dumps(summary, indent=1) + "\n")
         postprocessing = _choose_postprocessing(config, parent, folds)
-        atomic_write_text(parent / POSTPROCESSING_NAME, json.dumps(postprocessing, indent=1) + "\n")
+        atomic_write_text(layout.postprocessing, json.dumps(postprocessing, indent=1) + "\n")
     log.info("cross-validation of folds %s: %s", list(folds), _headline(summary))
     return CrossValidationResult(parent, tuple(folds), False, summary, postprocessing)
 
 
 def fold_dir(parent: Path, fold: int) -> Path:
-    return parent / f"fold_{fold}"
+    return CrossValidationLayout(parent).fold(fold)
 
 
 def _check_parent(parent: Path) -> None:
     """Refuses a folder that holds something else: a run, or files that are not segnet's."""
     if parent.exists() and not parent.is_dir():
         raise RunDirError(f"--run-dir {parent} is a file, not a directory; choose another path")
-    if not parent.is_dir() or (parent / PARENT_MARKER).is_file():
+    if not parent.is_dir() or CrossValidationLayout(parent).marker.is_file():
         return
     if (parent / MARKER_NAME).is_file() or RunLayout(parent).config.is_file():
         raise RunDirError(
@@ -163,7 +161,8 @@ def _check_parent(parent: Path) -> None:
         )
     if any(parent.iterdir()):
         raise RunDirError(
-            f"--run-dir {parent}: not a segnet cross-validation folder (no {PARENT_MARKER}) and "
+            f"--run-dir {parent}: not a segnet cross-validation folder (no "
+            f"{CrossValidationLayout(parent).marker.name}) and "
             "not empty; choose a new or empty folder"
         )
 

@@ -133,6 +133,33 @@ class RunLayout:
         return sorted(self.root.glob("config.before-*.yaml"))
 
 
+@dataclass(frozen=True)
+class CrossValidationLayout:
+    """The paths of a cross-validation's parent folder (``segnet.cross_validation``).
+
+    Attributes:
+        root: the parent folder; each fold is an ordinary run directory inside it.
+    """
+
+    root: Path
+
+    @property
+    def marker(self) -> Path:
+        return self.root / ".segnet-cross-validation"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "cross_validation.json"
+
+    @property
+    def postprocessing(self) -> Path:
+        """Which classes keep only their largest component, chosen on the out-of-fold Dice."""
+        return self.root / "postprocessing.json"
+
+    def fold(self, fold: int) -> Path:
+        return self.root / f"fold_{fold}"
+
+
 def default_run_dir(config: ExperimentConfig) -> Path:
     return Path("runs") / config.name
 

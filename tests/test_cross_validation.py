@@ -15,6 +15,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import yaml
 
@@ -23,6 +25,8 @@ from segnet.config import build_config
 from segnet.cross_validation import cross_validate, parse_folds
 from segnet.data.datasets import load_split
 from segnet.errors import ConfigError, RunDirError
+from segnet.inference.postprocessing import keep_largest_component
+from segnet.inference.predict import predict_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,6 +82,20 @@ def test_folds_train_evaluate_and_choose_postprocessing(tiny_dataset: Path, tmp_
     assert chosen["keep_largest_component"] == [
         int(c) for c, v in chosen["per_class"].items() if v["chosen"]
     ]
+    # The parent is an ensemble of its folds, post-processed as the cross-validation chose:
+    # here every class is made to keep its largest component, against the folds named alone.
+    record = json.loads((parent / "postprocessing.json").read_text())
+    record["keep_largest_component"] = [1, 2, 3]
+    (parent / "postprocessing.json").write_text(json.dumps(record))
+    scan = tiny_dataset / "imagesTr" / "case_000_0000.nii.gz"
+    folds_alone = [parent / f"fold_{fold}" for fold in folds]
+    assert predict_files(folds_alone, [scan], tmp_path / "plain", quiet=True) == []
+    assert predict_files(parent, [scan], tmp_path / "chosen", quiet=True) == []
+    plain = np.asarray(nib.load(tmp_path / "plain" / "case_000.nii.gz").dataobj)
+    chosen_labels = np.asarray(nib.load(tmp_path / "chosen" / "case_000.nii.gz").dataobj)
+    cleaned = keep_largest_component(plain, [1, 2, 3])
+    assert not np.array_equal(plain, cleaned)  # an untrained model's islands: something to clean
+    np.testing.assert_array_equal(chosen_labels, cleaned)
     # Again: every fold is finished, nothing is retrained, the summary is the same.
     before = (parent / "fold_1" / "metrics.csv").read_text()
     again = cross_validate(config, folds, parent, quiet=True)

@@ -66,6 +66,7 @@ from segnet.inference.predict import (
     Predictor,
     load_ensemble,
     load_predictor,
+    log_postprocessing,
     read_case,
     write_segmentation,
 )
@@ -107,7 +108,7 @@ def evaluate_run(
     """
     runs = loading.load_runs(run_dir, overrides)
     if len(runs) > 1:
-        return evaluate_ensemble(runs, checkpoint, data, quiet, output_dir)
+        return evaluate_ensemble(runs, checkpoint, data, quiet, output_dir, run_dir)
     run_dir, config = runs[0].directory, runs[0].config
     run_config = config
     config, cases, failures = evaluation_cases(config, data)
@@ -147,8 +148,12 @@ def evaluate_ensemble(
     data: str | None = None,
     quiet: bool = False,
     output_dir: Path | None = None,
+    named: Path | Sequence[Path] = (),
 ) -> dict:
     """Predicts and scores the held-out cases with the mean softmax of several runs.
+
+    ``named`` are the paths ``--run`` gave: a cross-validation's parent among them brings its
+    post-processing choice (``loading.chosen_postprocessing``).
 
     The cases, preprocessing and sliding-window settings are the first run's (``data`` as for
     :func:`evaluate_run`); the checkpoint is chosen per run (:func:`_pick_checkpoint`). The
@@ -180,10 +185,20 @@ def evaluate_ensemble(
     class_names = dataset_class_names(config.data)
     with _hold(evaluation_dir):
         recover_interrupted(evaluation_dir)
-        predictor = load_ensemble([dataclasses.replace(runs[0], config=config), *runs[1:]], refs)
+        choice = loading.chosen_postprocessing(named)
+        chosen = log_postprocessing(choice)
+        predictor = load_ensemble(
+            [dataclasses.replace(runs[0], config=config), *runs[1:]], refs, chosen
+        )
+        provenance: dict[str, Any] = {"runs": records, "failures": failures}
+        if choice is not None:
+            provenance["postprocessing"] = {
+                "keep_largest_component": chosen,
+                "from": str(choice[1]),
+            }
         document = evaluate_predictor(
             predictor, name, [ref.path for ref in refs], cases, class_names, quiet,
-            evaluation_dir / name, {"runs": records, "failures": failures},
+            evaluation_dir / name, provenance,
         )  # fmt: skip
     print(f"\nensemble of {len(runs)} runs, {len(cases)} cases:")
     for record in records:

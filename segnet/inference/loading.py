@@ -41,7 +41,13 @@ from segnet.config import ExperimentConfig, build_config, config_to_dict
 from segnet.data.preprocessing import DatasetFingerprint
 from segnet.errors import ConfigError, RunDirError, UserError
 from segnet.models.registry import build_model
-from segnet.run_dir import CONFIG_NAME, FINGERPRINT_NAME, RunLayout, stored_config
+from segnet.run_dir import (
+    CONFIG_NAME,
+    FINGERPRINT_NAME,
+    CrossValidationLayout,
+    RunLayout,
+    stored_config,
+)
 
 log = logging.getLogger("segnet")
 # What may change between training and inference: how the sliding window runs and where the
@@ -172,6 +178,40 @@ def load_runs(paths: Path | Sequence[Path], overrides: Sequence[str] = ()) -> li
         runs.append(Run(path, config, load_fingerprint(path, config)))
     check_ensemble(runs)
     return runs
+
+
+def chosen_postprocessing(paths: Path | Sequence[Path]) -> tuple[tuple[int, ...], Path] | None:
+    """The classes whose largest component alone is kept, as a cross-validation chose them on
+    its out-of-fold predictions, when ``--run`` names that cross-validation's parent folder.
+
+    Returns:
+        ``(classes, postprocessing.json)``, or None when no parent with a choice is named.
+
+    Raises:
+        RunDirError: the file cannot be read, or two parents chose differently.
+    """
+    found = {}
+    for path in [paths] if isinstance(paths, str | os.PathLike) else paths:
+        record = CrossValidationLayout(Path(path)).postprocessing
+        if _is_run(Path(path)) or not record.is_file():
+            continue
+        try:
+            classes = tuple(int(c) for c in json.loads(record.read_text("utf-8"))[_LARGEST])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RunDirError(
+                f"{record}: unreadable ({exc!r}); run the cross-validation command again to "
+                "rewrite it"
+            ) from None
+        found[record] = classes
+    if len(set(found.values())) > 1:
+        raise RunDirError(
+            f"--run: the cross-validations chose different post-processing ({found}); ensemble "
+            "the runs of one cross-validation, or name the runs themselves"
+        )
+    return next(((classes, record) for record, classes in found.items()), None)
+
+
+_LARGEST = "keep_largest_component"
 
 
 def expand_runs(paths: Sequence[Path]) -> list[Path]:

@@ -99,12 +99,16 @@ class Predictor:
             per model: sliding-window inference caches its compiled graph per function. A
             tuple of them is an ensemble: their softmaxes are averaged window by window.
         spatial_dims: 2 for a model that predicts axial slices, else 3.
+        largest_component_classes: the classes that keep only their largest connected
+            component, as a cross-validation chose them; None follows
+            ``evaluation.keep_largest_component``.
     """
 
     config: ExperimentConfig
     fingerprint: DatasetFingerprint | None
     predict_fn: Callable[[Any], Any] | tuple[Callable[[Any], Any], ...]
     spatial_dims: int = 3
+    largest_component_classes: tuple[int, ...] | None = None
 
     def segment(
         self, image: np.ndarray, geometry: Geometry, keep_probabilities: bool = False
@@ -121,7 +125,10 @@ class Predictor:
         """
         probabilities = self.probabilities(image, geometry)
         labels = probabilities_to_labels(probabilities)
-        if self.config.evaluation.keep_largest_component:
+        if self.largest_component_classes is not None:  # a cross-validation's measured choice
+            if self.largest_component_classes:
+                labels = keep_largest_component(labels, self.largest_component_classes)
+        elif self.config.evaluation.keep_largest_component:
             labels = keep_largest_component(labels)
         return Segmentation(labels, probabilities if keep_probabilities else None)
 
@@ -153,11 +160,17 @@ def load_predictor(
     return load_ensemble([loading.Run(run_dir, config, fingerprint)], [ref])
 
 
-def load_ensemble(runs: Sequence[loading.Run], refs: Sequence[loading.CheckpointRef]) -> Predictor:
+def load_ensemble(
+    runs: Sequence[loading.Run],
+    refs: Sequence[loading.CheckpointRef],
+    largest_component_classes: tuple[int, ...] | None = None,
+) -> Predictor:
     """The predictor averaging the softmaxes of ``refs[i]`` of ``runs[i]`` (one run: its model).
 
     Preprocessing and sliding-window settings are the first run's; ``loading.check_ensemble``
-    makes sure every model takes that input.
+    makes sure every model takes that input. ``largest_component_classes``, a
+    cross-validation's choice (``loading.chosen_postprocessing``), replaces
+    ``evaluation.keep_largest_component``.
     """
     predict_fns = tuple(
         make_predict_fn(loading.load_model(run.config, ref))
@@ -165,7 +178,19 @@ def load_ensemble(runs: Sequence[loading.Run], refs: Sequence[loading.Checkpoint
     )
     config = runs[0].config
     predict_fn = predict_fns[0] if len(predict_fns) == 1 else predict_fns
-    return Predictor(config, runs[0].fingerprint, predict_fn, config.spatial_dims)
+    return Predictor(
+        config, runs[0].fingerprint, predict_fn, config.spatial_dims, largest_component_classes
+    )
+
+
+def log_postprocessing(choice: tuple[tuple[int, ...], Path] | None) -> tuple[int, ...] | None:
+    """The classes of a cross-validation's post-processing choice, said once in the log."""
+    if choice is None:
+        return None
+    classes, record = choice
+    what = f"only the largest component of classes {list(classes)}" if classes else "no change"
+    log.info("post-processing from %s: %s", record, what)
+    return classes
 
 
 def read_case(case: CaseFiles, num_channels: int) -> tuple[np.ndarray, Geometry]:
@@ -365,7 +390,8 @@ def predict_files(
         raise UserError(f"--input {' '.join(map(str, inputs))}: no .nii or .nii.gz files found")
     keep_probabilities = config.evaluation.save_probabilities
     check_outputs(cases, _expand(inputs, []), output_dir, keep_probabilities)
-    predictor = load_ensemble(runs, refs) if cases else None
+    chosen = log_postprocessing(loading.chosen_postprocessing(run_dir))
+    predictor = load_ensemble(runs, refs, chosen) if cases else None
     written = 0
     for case in progress_bar(cases, desc="Predicting", unit="case", quiet=quiet):
         try:
