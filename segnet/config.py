@@ -135,6 +135,9 @@ class PreprocessingConfig:
     ct_percentiles: tuple[float, float] = (0.5, 99.5)  # 'ct': clip to foreground percentiles
     intensity_range: tuple[float, float] = (0.0, 1.0)  # 'range': clip to this, scale to [0, 1]
     use_cache: bool = True  # keep preprocessed cases in data.cache_dir
+    # Cases the fingerprint (median spacing, CT intensities) is computed on: the training cases,
+    # or every case but the test fold, so that all folds of a cross-validation share it.
+    fingerprint_cases: Literal["training", "all_folds"] = "training"
 
     def validate(self) -> Problems:
         problems: Problems = []

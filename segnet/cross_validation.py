@@ -91,9 +91,13 @@ def parse_folds(text: str, config: ExperimentConfig) -> list[int]:
 
 
 def fold_config(config: ExperimentConfig, fold: int) -> ExperimentConfig:
-    """The experiment of one fold: the same, with ``fold`` held out."""
+    """The experiment of one fold: the same, with ``fold`` held out and the fingerprint taken
+    over every fold (as nnU-Net does), so that all folds preprocess a scan alike and form an
+    ensemble."""
     split = replace(config.data.split, fold=fold)
-    return replace(config, name=f"{config.name}_fold{fold}", data=replace(config.data, split=split))
+    pre = replace(config.preprocessing, fingerprint_cases="all_folds")
+    data = replace(config.data, split=split)
+    return replace(config, name=f"{config.name}_fold{fold}", data=data, preprocessing=pre)
 
 
 def cross_validate(

@@ -146,3 +146,29 @@ def test_a_sigkill_mid_fold_resumes_fold_by_fold(tiny_dataset: Path, tmp_path: P
     assert (parent / "fold_1" / "export" / "model.keras").stat().st_mtime_ns == first
     assert (parent / "cross_validation.json").is_file()
     assert "restored" in (parent / "fold_2" / "train.log").read_text()
+
+
+def test_the_folds_share_one_fingerprint(tiny_dataset: Path, tmp_path: Path):
+    from segnet.cross_validation import fold_config
+    from segnet.training.trainer import load_training_data
+
+    config = build_config(
+        _experiment(tiny_dataset, tmp_path / "cache"), ["preprocessing.resample=true"]
+    )
+    # One case of fold 1 on a 2 mm grid: fold 2 trains on it, fold 1 does not.
+    case = load_split(fold_config(config, 1).data).val[0]
+    for path in (*case.images, case.label):
+        image = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine * [2, 2, 2, 1]), path)
+    shared = [load_training_data(fold_config(config, f)).fingerprint for f in (1, 2)]
+    assert shared[0] == shared[1]  # computed over both folds: the folds form an ensemble
+    own = [
+        load_training_data(
+            build_config(
+                _experiment(tiny_dataset, tmp_path / "cache"),
+                ["preprocessing.resample=true", f"data.split.fold={f}"],
+            )
+        ).fingerprint
+        for f in (1, 2)
+    ]
+    assert own[0] != own[1]  # each fold's own training cases: what an ensemble would refuse

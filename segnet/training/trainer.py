@@ -254,7 +254,10 @@ def load_training_data(config: ExperimentConfig) -> TrainingData:
         val_files = []
     elif config.train.val_max_cases > 0:
         val_files = val_files[: config.train.val_max_cases]
-    fingerprint = load_or_compute_fingerprint(config, train_files)
+    fingerprint_files = train_files
+    if config.preprocessing.fingerprint_cases == "all_folds":  # the folds must preprocess alike
+        fingerprint_files = [c for c in [*split.train, *split.val] if c.case_id in usable]
+    fingerprint = load_or_compute_fingerprint(config, fingerprint_files)
     train_cases = prepare_cases(config, train_files, fingerprint)
     val_cases = prepare_cases(config, val_files, fingerprint) if val_files else []
     split_record = {
