@@ -159,13 +159,14 @@ def train(
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     layout = RunLayout(run_dir)
+    # Read-only, and before the data: a folder that can never hold this run costs a second.
+    check_run_dir(run_dir, config, force)
     log_onednn_status(log)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     cluster = build_strategy(config)
     data = load_training_data(config)
     check_training_cases(config, data.train, config.spatial_dims)
-    check_run_dir(run_dir, config, force)  # fails fast, before the lock creates the folder
     with contextlib.ExitStack() as stack:
         if cluster.is_chief:  # the other workers write only into temporary folders
             try:
