@@ -349,5 +349,5 @@ def _header(
         "Fingerprint:",
         *fingerprint_lines(fp),
         "",
-        "Each setting says why it was chosen; edit any of them (--set key=value works too).",
+        "Each setting says why it was chosen; edit any of them (--set overrides work too).",
     ]
