@@ -3,8 +3,8 @@
     python benchmarks/bench_precision.py [--config configs/hippocampus_unet3d.yaml] [--repeats 20]
 
 Builds the config's model twice, once per ``runtime.precision``, with the trainer's loss,
-optimizer and compiled step (``segnet.training.step.make_train_step``), and times one step of
-each in turn on the same random batch of ``data.patch_size`` (so load from other jobs hits
+optimizer and compiled step (``segnet.planning.timing.step_for``, what ``segnet-plan`` times),
+and times one step of each in turn on the same random batch of ``data.patch_size`` (so load from other jobs hits
 both alike). The ratio is what choosing ``mixed_bfloat16`` buys on this CPU: oneDNN runs bf16
 convolutions on AMX tiles or AVX512-BF16 where the CPU has them, and emulates them (slower
 than float32) where it does not. The printed CPU flags say which case this machine is.
@@ -27,17 +27,13 @@ import os
 import time
 from collections.abc import Callable
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from segnet import _tf_env
-from segnet.config import ExperimentConfig, load_config
-from segnet.losses import build_loss
-from segnet.models.registry import build_model
-from segnet.training.optimizers import build_optimizer
-from segnet.training.precision import choose_precision, precision_policy, read_cpu_flags
-from segnet.training.step import make_train_step
+from segnet.config import load_config
+from segnet.planning.timing import random_batch, step_for  # the planner times the same step
+from segnet.training.precision import choose_precision, read_cpu_flags
 
 PRECISIONS = ("float32", "mixed_bfloat16")
 WARMUP = 3
@@ -49,33 +45,6 @@ def cpu_flags() -> str:
     if not flags:
         return "unknown"
     return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
-
-
-def random_batch(config: ExperimentConfig, rng: np.random.Generator) -> tuple:
-    """(images, labels) of the config's batch and patch shape: the step's cost ignores values."""
-    shape = (config.train.batch_size, *config.data.patch_size)
-    images = tf.constant(rng.normal(size=(*shape, config.data.num_channels)), tf.float32)
-    labels = tf.constant(rng.integers(0, config.data.num_classes, size=shape), tf.uint8)
-    return images, labels
-
-
-def step_for(config: ExperimentConfig, precision: str, batch: tuple) -> Callable[[], tf.Tensor]:
-    """One training step of ``config``'s model built under ``precision``."""
-    with precision_policy(precision):
-        keras.utils.set_random_seed(0)
-        model = build_model(config)
-        optimizer = build_optimizer(config)
-        optimizer.build(model.trainable_variables)
-    train_step = make_train_step(
-        model,
-        optimizer,
-        build_loss(config, model),
-        tf.distribute.get_strategy(),
-        num_classes=config.data.num_classes,
-        clip_norm=config.optimizer.clip_norm,
-    )
-    stop = tf.constant(0.0)
-    return lambda: train_step(batch, stop).loss
 
 
 def time_interleaved(steps: dict[str, Callable[[], tf.Tensor]], repeats: int) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Command-line entry points: ``segnet-train``, ``segnet-evaluate``, ``segnet-predict``.
+"""Command-line entry points: ``segnet-train``, ``segnet-evaluate``, ``segnet-predict``,
+``segnet-plan``.
 
 ``scripts/*.py`` call the same functions. Each parses its flags, then makes one call into the
 library. A user-fixable problem (``UserError``) is printed as one message on stderr with exit
@@ -249,3 +250,35 @@ def _predict(args: argparse.Namespace) -> int:
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
     return _run("segnet-predict", _predict, predict_parser(), argv)
+
+
+# --------------------------------------------------------------------------------------------
+# segnet-plan
+# --------------------------------------------------------------------------------------------
+def plan_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="segnet-plan",
+        description="Configure an experiment from a dataset: a commented YAML that says why.",
+    )
+    parser.add_argument("dataset", help="dataset folder (MSD, nnU-Net v2, imagesTr/labelsTr)")
+    parser.add_argument(
+        "--out", type=Path, help="the config to write (default: configs/<dataset>_<model>.yaml)"
+    )
+    parser.add_argument(
+        "--budget", default="60m", help="training time to fit, e.g. 60m, 1h30m (default: 60m)"
+    )
+    parser.add_argument("--model", choices=("unet3d", "segnet"), default="unet3d")
+    _common_flags(parser)
+    return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from segnet.planning.planner import plan_dataset  # imports TensorFlow
+
+    say = (lambda line: None) if args.quiet else print
+    plan_dataset(args.dataset, args.out, args.budget, args.model, say=say)
+    return 0
+
+
+def plan_main(argv: Sequence[str] | None = None) -> int:
+    return _run("segnet-plan", _plan, plan_parser(), argv)

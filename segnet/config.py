@@ -31,6 +31,9 @@ MAX_SEED = 2**32 - 1  # numpy's legacy seeding (keras.utils.set_random_seed) tak
 
 Norm = Literal["batch", "instance", "group", "none"]
 Activation = Literal["relu", "leaky_relu", "elu", "gelu", "swish"]
+Normalization = Literal["zscore", "ct", "range", "none"]
+Triple = tuple[int, int, int]  # one value per spatial axis (depth, height, width)
+Factor = Literal[1, 2, 4]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +134,9 @@ class PreprocessingConfig:
     target_spacing: tuple[float, float, float] | None = None  # mm; None: the dataset median
     image_interpolation: Literal["linear", "cubic"] = "linear"  # labels always use nearest
     crop_to_nonzero: bool = True  # crop to the bounding box of non-zero image voxels
-    normalization: Literal["zscore", "ct", "range", "none"] = "zscore"  # per channel
+    normalization: Normalization = "zscore"  # each channel on its own
+    # One scheme per channel (e.g. [ct, zscore] for CT + MR); empty: normalization for all
+    channel_normalization: tuple[Normalization, ...] = ()
     ct_percentiles: tuple[float, float] = (0.5, 99.5)  # 'ct': clip to foreground percentiles
     intensity_range: tuple[float, float] = (0.0, 1.0)  # 'range': clip to this, scale to [0, 1]
     use_cache: bool = True  # keep preprocessed cases in data.cache_dir
@@ -149,6 +154,17 @@ class PreprocessingConfig:
         if self.intensity_range[0] >= self.intensity_range[1]:
             problems.append(("intensity_range", "low must be below high"))
         return problems
+
+    def normalization_of(self, channel: int) -> Normalization:
+        """The normalisation scheme of image channel ``channel``."""
+        if self.channel_normalization:
+            return self.channel_normalization[channel]
+        return self.normalization
+
+    @property
+    def uses_ct(self) -> bool:
+        """Whether some channel needs the dataset's foreground intensity statistics."""
+        return "ct" in (self.channel_normalization or (self.normalization,))
 
 
 @dataclass(frozen=True)
@@ -215,14 +231,60 @@ def _encoder_problems(model: UNet3DConfig | SegNetConfig) -> Problems:
         problems.append(("convs_per_level", "must be at least 1"))
     if model.max_filters < model.filters:
         problems.append(("max_filters", "must be >= filters"))
+    if model.pool_sizes is not None:
+        pool_problems = _per_level_problems(
+            "pool_sizes", model.pool_sizes, model.depth, "depth", _spatial_dims(model), (1, 2)
+        )
+        if not pool_problems and any(max(pool) < 2 for pool in model.pool_sizes):
+            pool_problems.append(("pool_sizes", "every level must pool (2) along some axis"))
+        problems += pool_problems
     return problems
+
+
+def _spatial_dims(model: UNet3DConfig | SegNetConfig) -> int:
+    return model.spatial_dims if isinstance(model, SegNetConfig) else 3
+
+
+def _per_level_problems(
+    key: str,
+    levels: Sequence[Sequence[int]],
+    count: int,
+    count_says: str,
+    dims: int,
+    allowed: tuple[int, ...] | None,
+) -> Problems:
+    """Rules of a per-level, per-axis list (``pool_sizes``, ``kernel_sizes``)."""
+    if len(levels) != count:
+        return [(key, f"needs {count} levels ({count_says}), got {len(levels)}")]
+    problems: Problems = []
+    for i, level in enumerate(levels):
+        if len(level) != dims:
+            problems.append(
+                (f"{key}[{i}]", f"needs {dims} values (one per axis), got {list(level)}")
+            )
+        elif allowed is not None and any(v not in allowed for v in level):
+            wanted = " or ".join(map(str, allowed))
+            problems.append((f"{key}[{i}]", f"values must be {wanted}, got {list(level)}"))
+        elif allowed is None and any(v < 1 or v % 2 == 0 for v in level):
+            problems.append((f"{key}[{i}]", f"sizes must be odd and positive, got {list(level)}"))
+    return problems
+
+
+def per_axis(value: int | Sequence[int], dims: int = 3) -> tuple[int, ...]:
+    """A factor given once for every axis or per axis, as one int per axis."""
+    return (int(value),) * dims if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def collapse(factors: Sequence[int]) -> int | tuple[int, ...]:
+    """``(2, 2, 2) -> 2``: the plain int where every axis agrees (what isotropic models keep)."""
+    return factors[0] if len(set(factors)) == 1 else tuple(factors)
 
 
 @dataclass(frozen=True)
 class UNet3DConfig:
     """3D U-Net; ``input_downsample`` runs it at a lower resolution inside the graph."""
 
-    depth: int = 4  # number of poolings; patch sizes must divide by 2**depth * input_downsample
+    depth: int = 4  # poolings; patch axes must divide by their product of pools x input_downsample
     filters: int = 16  # filters at the first level
     growth: float = 2.0  # filters multiply by this per level
     max_filters: int = 320  # cap, as nnU-Net does
@@ -233,22 +295,60 @@ class UNet3DConfig:
     dropout: float = 0.0
     upsampling: Literal["transpose", "resize"] = "transpose"  # decoder up-sampling
     deep_supervision: bool = False  # extra heads at lower decoder levels
-    input_downsample: Literal[1, 2, 4] = 1  # AveragePooling3D factor applied inside the graph
+    # AveragePooling3D factor applied inside the graph: one for all axes, or [d, h, w]
+    input_downsample: Factor | tuple[Factor, Factor, Factor] = 1
     output_upsample: Literal["learned", "trilinear"] = "trilinear"  # back to full resolution
     loss_at: Literal["full", "low"] = "full"  # 'low': loss vs labels averaged down in-graph
+    # Per level [d, h, w] pool of 1 or 2 (1 keeps a coarse axis); null: 2 along every axis
+    pool_sizes: tuple[Triple, ...] | None = None
+    # Per level (depth + 1 entries, the bottleneck last) odd [d, h, w] kernels, e.g. [1, 3, 3]
+    # where an axis is coarse; null: 3 along every axis
+    kernel_sizes: tuple[Triple, ...] | None = None
 
     def validate(self) -> Problems:
         problems = _encoder_problems(self)
-        if self.loss_at == "low" and self.input_downsample == 1:
+        if self.loss_at == "low" and self.input_factors == (1, 1, 1):
             problems.append(("loss_at", "'low' needs input_downsample 2 or 4"))
         if self.loss_at == "low" and self.output_upsample == "learned":
             # The learned up-sampling only feeds the full-resolution output, which is unsupervised.
             problems.append(("output_upsample", "'learned' is untrained with loss_at 'low'"))
+        if self.kernel_sizes is not None:
+            problems += _per_level_problems(
+                "kernel_sizes", self.kernel_sizes, self.depth + 1, "depth + 1", 3, None
+            )
         return problems
 
     @property
-    def divisor(self) -> int:
-        return 2**self.depth * self.input_downsample
+    def input_factors(self) -> Triple:
+        """``input_downsample`` per axis."""
+        d, h, w = per_axis(self.input_downsample)
+        return d, h, w
+
+    @property
+    def level_pools(self) -> tuple[Triple, ...]:
+        """The pool of each of the ``depth`` levels, per axis."""
+        return self.pool_sizes if self.pool_sizes is not None else ((2, 2, 2),) * self.depth
+
+    @property
+    def level_kernels(self) -> tuple[Triple, ...]:
+        """The kernel of each level's convolutions, per axis; the bottleneck's last."""
+        return (
+            self.kernel_sizes if self.kernel_sizes is not None else ((3, 3, 3),) * (self.depth + 1)
+        )
+
+    @property
+    def level_scales(self) -> tuple[Triple, ...]:
+        """Per level 0..depth: how much coarser than the input its features are, per axis."""
+        scales = [self.input_factors]
+        for pool in self.level_pools:
+            d, h, w = (s * p for s, p in zip(scales[-1], pool))
+            scales.append((d, h, w))
+        return tuple(scales)
+
+    @property
+    def divisor(self) -> Triple:
+        """What every patch axis must divide by: the bottleneck's scale."""
+        return self.level_scales[-1]
 
 
 @dataclass(frozen=True)
@@ -276,15 +376,19 @@ class CascadeConfig:
         if self.train_stage == "low" and self.stage1_from is not None:
             problems.append(("stage1_from", "has no use with train_stage 'low'; remove it"))
         for name in ("low", "high"):
-            if getattr(self, name).input_downsample != 1:
+            if getattr(self, name).input_factors != (1, 1, 1):
                 problems.append((f"{name}.input_downsample", "must be 1 inside a cascade"))
             if getattr(self, name).deep_supervision:  # the cascade already outputs both stages
                 problems.append((f"{name}.deep_supervision", "must be false inside a cascade"))
         return problems
 
     @property
-    def divisor(self) -> int:
-        return max(2**self.low.depth * self.downsample, 2**self.high.depth)
+    def divisor(self) -> Triple:
+        """What every patch axis must divide by: stage 1's, downsampled, and stage 2's, which
+        train_stage 'low' does not build."""
+        high = self.high.divisor if self.train_stage != "low" else (1, 1, 1)
+        d, h, w = (max(a * self.downsample, b) for a, b in zip(self.low.divisor, high))
+        return d, h, w
 
 
 @dataclass(frozen=True)
@@ -301,13 +405,21 @@ class SegNetConfig:
     groups: int = 8
     activation: Activation = "relu"
     dropout: float = 0.0
+    # Per level pool of 1 or 2 per spatial axis ([d, h, w], or [h, w] in 2D); null: 2 everywhere
+    pool_sizes: tuple[tuple[int, ...], ...] | None = None
 
     def validate(self) -> Problems:
         return _encoder_problems(self)
 
     @property
-    def divisor(self) -> int:
-        return 1  # the argmax unpooling crops back to any recorded size
+    def level_pools(self) -> tuple[tuple[int, ...], ...]:
+        """The pool of each of the ``depth`` levels, per spatial axis."""
+        default = ((2,) * self.spatial_dims,) * self.depth
+        return self.pool_sizes if self.pool_sizes is not None else default
+
+    @property
+    def divisor(self) -> Triple:
+        return 1, 1, 1  # the argmax unpooling crops back to any recorded size
 
 
 @dataclass(frozen=True)
@@ -538,6 +650,15 @@ class ExperimentConfig:
                 )
             )
         problems += self._patch_rules()
+        per_channel = self.preprocessing.channel_normalization
+        if per_channel and len(per_channel) != self.data.num_channels:
+            problems.append(
+                (
+                    "preprocessing.channel_normalization",
+                    f"needs {self.data.num_channels} values (data.num_channels), "
+                    f"got {len(per_channel)}",
+                )
+            )
         weights = self.loss.class_weights
         if weights is not None and len(weights) != self.data.num_classes:
             problems.append(
@@ -553,17 +674,20 @@ class ExperimentConfig:
         if selected is None:  # an unknown model name is reported by ModelConfig
             return []
         divisor = selected.divisor
-        bad = [p for p in self.data.patch_size if p % divisor]
-        if bad:
-            return [
-                (
-                    "data.patch_size",
-                    f"{list(self.data.patch_size)} must be divisible by "
-                    f"{divisor} for model '{self.model.name}' (2**depth x input downsampling); "
-                    f"try {[max(divisor, math.ceil(p / divisor) * divisor) for p in self.data.patch_size]}",
-                )
-            ]
-        return []
+        patch = self.data.patch_size
+        if not any(p % d for p, d in zip(patch, divisor)):
+            return []
+        what = collapse(divisor)
+        per_axis_note = "" if isinstance(what, int) else " per axis"
+        fit = [max(d, math.ceil(p / d) * d) for p, d in zip(patch, divisor)]
+        return [
+            (
+                "data.patch_size",
+                f"{list(patch)} must be divisible by {list(divisor) if per_axis_note else what}"
+                f"{per_axis_note} for model '{self.model.name}' (the product of its pool sizes x "
+                f"input downsampling); try {fit}",
+            )
+        ]
 
     @property
     def window(self) -> tuple[int, int, int]:

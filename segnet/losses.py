@@ -38,7 +38,7 @@ from keras import ops
 
 from segnet.config import ExperimentConfig, LossConfig
 from segnet.errors import ConfigError
-from segnet.models.base import SegmentationModel
+from segnet.models.base import Scale, SegmentationModel
 from segnet.models.blocks import downsample_labels
 
 LossFn = Callable[[Any, Any], Any]
@@ -61,7 +61,7 @@ def build_loss(config: ExperimentConfig, model: SegmentationModel | None = None)
         AttributeError: ``model`` does not implement the contract (no default: a model that
             forgot it would train on its first output alone).
     """
-    scales: tuple[int, ...] = (1,)
+    scales: tuple[Scale, ...] = (1,)
     supervised: tuple[int, ...] = (0,)
     if model is not None:
         scales, supervised = tuple(model.output_scales), tuple(model.supervised_outputs)

@@ -20,10 +20,15 @@ T = TypeVar("T")
 
 
 class _Problems:
-    """Collects ``path: message`` strings while walking a tree."""
+    """Collects ``path: message`` strings while walking a tree.
 
-    def __init__(self) -> None:
+    Attributes:
+        rules: whether the classes' cross-field ``validate()`` rules run too.
+    """
+
+    def __init__(self, rules: bool = True) -> None:
         self.items: list[str] = []
+        self.rules = rules
 
     def add(self, path: str, message: str) -> None:
         self.items.append(f"{path}: {message}" if path else message)
@@ -111,10 +116,17 @@ def _convert_union(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
         if not trial.items:
             return converted
     real = [a for a in args if a is not type(None)]
-    if len(real) == 1:  # `X | None`: the problem with X is the useful message.
-        return _convert(value, real[0], path, problems)
+    # `X | None`, or the one member of the value's kind (a list or a scalar): the problem with
+    # that member is the useful message (`must be one of 1, 2, 4, got 3`).
+    same_kind = [a for a in real if _is_list_type(a) == isinstance(value, list | tuple)]
+    if len(real) == 1 or len(same_kind) == 1:
+        return _convert(value, (same_kind or real)[0], path, problems)
     problems.add(path, f"expected {_type_name(tp)}, got {_describe(value)}")
     return _MISSING
+
+
+def _is_list_type(tp: Any) -> bool:
+    return typing.get_origin(tp) is tuple
 
 
 def _convert_tuple(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
@@ -204,7 +216,7 @@ def _check_rules(
     (the problems already recorded are what the user must fix first).
     """
     validate = getattr(instance, "validate", None)
-    if validate is None:
+    if validate is None or not problems.rules:
         return
     try:
         found = validate()
@@ -218,9 +230,15 @@ def _check_rules(
         problems.add(_join(path, rel_path) if rel_path else path, message)
 
 
-def from_dict(cls: type[T], data: Any) -> tuple[T | None, list[str]]:
-    """Builds ``cls`` from plain data; returns ``(instance or None, problems)``."""
-    problems = _Problems()
+def from_dict(cls: type[T], data: Any, rules: bool = True) -> tuple[T | None, list[str]]:
+    """Builds ``cls`` from plain data; returns ``(instance or None, problems)``.
+
+    Args:
+        cls: the dataclass.
+        data: plain YAML data.
+        rules: also apply the cross-field ``validate()`` rules (False: types and keys only).
+    """
+    problems = _Problems(rules)
     instance = _build(cls, data, "", problems)
     if problems.items or instance is _MISSING:
         return None, problems.items

@@ -112,6 +112,21 @@ def test_patch_size_must_divide_by_the_unet_divisor():
     assert "try [32, 48, 48]" in problem
 
 
+def test_patch_size_divides_per_axis_by_the_pools_of_that_axis():
+    unet = {"depth": 2, "pool_sizes": [[1, 2, 2], [2, 2, 2]], "input_downsample": [1, 2, 1]}
+    ok = {"model": {"name": "unet3d", "unet3d": unet}, "data": {"patch_size": [6, 16, 12]}}
+    assert build_config(ok).model.unet3d.divisor == (2, 8, 4)
+    (problem,) = problems_of({**ok, "data": {"patch_size": [5, 16, 10]}})
+    assert problem.startswith("data.patch_size: [5, 16, 10] must be divisible by [2, 8, 4]")
+    assert "try [6, 16, 12]" in problem
+
+
+def test_channel_normalization_needs_one_scheme_per_channel():
+    data = {"data": {"num_channels": 2}, "preprocessing": {"channel_normalization": ["ct"]}}
+    (problem,) = problems_of(data)
+    assert problem.startswith("preprocessing.channel_normalization: needs 2 values")
+
+
 def test_segnet_accepts_odd_patch_sizes():
     config = build_config({"model": {"name": "segnet"}, "data": {"patch_size": [17, 18, 19]}})
     assert config.data.patch_size == (17, 18, 19)

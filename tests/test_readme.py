@@ -101,6 +101,7 @@ def _parse(program: str, args: list[str]) -> None:
         "segnet-train": cli.train_parser,
         "segnet-evaluate": cli.evaluate_parser,
         "segnet-predict": cli.predict_parser,
+        "segnet-plan": cli.plan_parser,
     }[program]()
     if not args:  # "installed as segnet-train": the name alone
         return

@@ -84,9 +84,11 @@ def settings_hash(config: ExperimentConfig, fingerprint: DatasetFingerprint) -> 
     used: dict[str, Any] = {}  # only fingerprint parts that change the output, so that a new
     if pre.resample and pre.target_spacing is None:  # fold does not invalidate the cache
         used["spacing"] = fingerprint.spacing
-    if pre.normalization == "ct":
+    if pre.uses_ct:
         used["intensity"] = fingerprint.to_dict()["intensity"]
     settings = {k: v for k, v in dataclasses.asdict(pre).items() if k != "use_cache"}
+    if not pre.channel_normalization:  # as before the key existed: existing caches stay valid
+        del settings["channel_normalization"]
     return _digest(
         {
             "version": CACHE_VERSION,
@@ -326,7 +328,7 @@ def load_or_compute_fingerprint(
 ) -> DatasetFingerprint:
     """The training cases' fingerprint, cached in ``data.cache_dir/fingerprints/``.
 
-    Only ``normalization: ct`` makes the fingerprint read voxel data; caching it keeps a warm
+    Only ``ct`` normalisation makes the fingerprint read voxel data; caching it keeps a warm
     run free of NIfTI decompression in that case too.
     """
     pre = config.preprocessing
@@ -335,8 +337,8 @@ def load_or_compute_fingerprint(
     key = _digest(
         {
             "version": CACHE_VERSION,
-            "ct": pre.normalization == "ct",
-            "percentiles": pre.ct_percentiles if pre.normalization == "ct" else None,
+            "ct": pre.uses_ct,
+            "percentiles": pre.ct_percentiles if pre.uses_ct else None,
             "files": [_file_stats(c.files) for c in train_cases],
         }
     )

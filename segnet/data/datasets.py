@@ -107,13 +107,33 @@ def dataset_root(data: DataConfig) -> Path:
 
 def dataset_class_names(data: DataConfig) -> dict[int, str]:
     """Label names from the dataset's ``dataset.json`` (MSD or nnU-Net v2 style), if any."""
+    return _names(data, "labels")
+
+
+def dataset_channel_names(data: DataConfig) -> dict[int, str]:
+    """Channel names (``CT``, ``T2``, ...) from ``dataset.json``: MSD's ``modality`` or nnU-Net
+    v2's ``channel_names``, if any."""
+    return _names(data, "modality") or _names(data, "channel_names")
+
+
+def dataset_description(data: DataConfig) -> dict[str, Any]:
+    """The dataset's ``dataset.json``; {} when it has none or it cannot be read (the describing
+    functions report that; here it only names things)."""
     try:
         info = json.loads((dataset_root(data) / "dataset.json").read_text("utf-8"))
-        labels = info.get("labels") or {}
+    except (OSError, ValueError, DataError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _names(data: DataConfig, key: str) -> dict[int, str]:
+    """``dataset.json[key]`` as index -> name, whichever way round it maps; {} if absent."""
+    try:
+        labels = dataset_description(data).get(key) or {}
         pairs = [(v, k) if isinstance(v, int) else (k, v) for k, v in labels.items()]
         return {int(label): str(name) for label, name in pairs}
-    except (OSError, ValueError, TypeError, AttributeError, DataError):
-        return {}  # names only decorate tables and pictures
+    except (ValueError, TypeError, AttributeError):
+        return {}  # names only decorate tables and pictures, and guide the planner
 
 
 def describe_dataset(data: DataConfig, subset: Subset = "train") -> list[CaseFiles]:

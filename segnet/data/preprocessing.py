@@ -61,7 +61,8 @@ class DatasetFingerprint:
         spacing: median voxel spacing (mm per array axis) of the training cases.
         median_shape: median (depth, height, width) of the training cases.
         num_cases: how many training cases it summarises.
-        intensity: per channel foreground statistics, only for ``normalization: ct``.
+        intensity: per channel foreground statistics, only when some channel is normalised
+            ``ct``.
         percentiles: the ``ct_percentiles`` that ``intensity.low/high`` were taken at.
     """
 
@@ -148,7 +149,7 @@ def compute_fingerprint(
     shape = np.median([g.shape for g in geometries], axis=0)
     stats: tuple[ChannelStats, ...] = ()
     percentiles = None
-    if config.normalization == "ct":
+    if config.uses_ct:
         percentiles = config.ct_percentiles
         stats = _intensity_stats(cases, percentiles)
     return DatasetFingerprint(
@@ -270,35 +271,51 @@ def normalize(
     fingerprint: DatasetFingerprint | None,
     mask: np.ndarray | None,
 ) -> np.ndarray:
-    """Per-channel intensity normalisation, float32.
+    """Per-channel intensity normalisation, float32, each channel by its own scheme
+    (``config.normalization_of``).
 
     Args:
         image: (depth, height, width, channels).
-        config: ``normalization`` and its parameters.
+        config: ``normalization`` (or ``channel_normalization``) and its parameters.
         fingerprint: dataset statistics; required for ``ct``.
         mask: (depth, height, width) region for the z-score statistics; voxels outside it are
             set to 0 (the background of a cropped scan). None uses every voxel.
     """
-    if config.normalization == "range":
-        low, high = config.intensity_range
-        return ((np.clip(image, low, high) - low) / (high - low)).astype(np.float32)
-    if config.normalization == "none":
-        return image.astype(np.float32, copy=True)
     # Channels-first while working: strided channels-last views make masking several times slower.
     planes = np.moveaxis(image, -1, 0).astype(np.float32, order="C", copy=True)
     for c, channel in enumerate(planes):
-        if config.normalization == "ct":
-            stats = _ct_stats(fingerprint, c)
-            np.clip(channel, stats.low, stats.high, out=channel)
-            mean, std = stats.mean, stats.std
-        else:
-            region = channel[mask] if mask is not None else channel
-            mean, std = (float(region.mean()), float(region.std())) if region.size else (0, 1)
-        channel -= mean
-        channel /= max(std, 1e-8)
-        if mask is not None and config.normalization == "zscore":
-            channel[~mask] = 0.0
+        _normalize_channel(channel, c, config, fingerprint, mask)
     return np.moveaxis(planes, 0, -1)
+
+
+def _normalize_channel(
+    channel: np.ndarray,
+    index: int,
+    config: PreprocessingConfig,
+    fingerprint: DatasetFingerprint | None,
+    mask: np.ndarray | None,
+) -> None:
+    """Normalises image channel ``index`` in place."""
+    scheme = config.normalization_of(index)
+    if scheme == "none":
+        return
+    if scheme == "range":
+        low, high = config.intensity_range
+        np.clip(channel, low, high, out=channel)
+        channel -= low
+        channel /= high - low
+        return
+    if scheme == "ct":
+        stats = _ct_stats(fingerprint, index)
+        np.clip(channel, stats.low, stats.high, out=channel)
+        mean, std = stats.mean, stats.std
+    else:
+        region = channel[mask] if mask is not None else channel
+        mean, std = (float(region.mean()), float(region.std())) if region.size else (0, 1)
+    channel -= mean
+    channel /= max(std, 1e-8)
+    if mask is not None and scheme == "zscore":
+        channel[~mask] = 0.0
 
 
 def _ct_stats(fingerprint: DatasetFingerprint | None, channel: int) -> ChannelStats:

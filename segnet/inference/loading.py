@@ -142,7 +142,7 @@ def load_fingerprint(run_dir: Path, config: ExperimentConfig) -> DatasetFingerpr
     """
     path = RunLayout(Path(run_dir)).fingerprint
     pre = config.preprocessing
-    needed = pre.normalization == "ct" or (pre.resample and pre.target_spacing is None)
+    needed = pre.uses_ct or (pre.resample and pre.target_spacing is None)
     try:
         return DatasetFingerprint.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:

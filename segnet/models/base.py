@@ -12,7 +12,8 @@ and hands it to ``SegmentationModel.__init__`` with the three facts every model 
 It must define, or the ``class`` statement itself raises ``TypeError``:
 
 * ``output_scales``: output ``i``'s downsampling factor (1 = the input's resolution), in output
-  order; output 0 is always full-resolution logits, which inference uses.
+  order, an int or one per spatial axis; output 0 is always full-resolution logits, which
+  inference uses.
 * ``supervised_outputs``: indices of the outputs the loss uses, finest first.
 * ``get_config()``: ``super().get_config()`` updated with every constructor argument by name,
   so ``from_config`` (and a ``.keras`` file) rebuilds the same model.
@@ -25,13 +26,15 @@ types, ``Literal`` choices, ``validate()``); a constructor applies them with
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 import keras
 
 from segnet.strict_dataclass import from_dict
 
 CONTRACT = ("output_scales", "supervised_outputs", "get_config")
+T = TypeVar("T")
+Scale = int | tuple[int, ...]  # an output's downsampling: one factor, or one per spatial axis
 
 
 class SegmentationModel(keras.Model):
@@ -73,8 +76,8 @@ class SegmentationModel(keras.Model):
         self.spatial_dims = spatial_dims
 
     @property
-    def output_scales(self) -> tuple[int, ...]:
-        """Downsampling factor of each output, in output order."""
+    def output_scales(self) -> tuple[Scale, ...]:
+        """Downsampling factor of each output, in output order; per axis where they differ."""
         raise NotImplementedError
 
     @property
@@ -97,7 +100,7 @@ def _inherited_from_base(cls: type, name: str) -> bool:
     return True
 
 
-def check_arguments(config_class: type, model: str, **arguments: Any) -> None:
+def check_arguments(config_class: type[T], model: str, **arguments: Any) -> T:
     """Checks a constructor's arguments by the rules of the model's config dataclass.
 
     The arguments are parsed like the ``model.<name>`` section of a config file, so types,
@@ -110,10 +113,18 @@ def check_arguments(config_class: type, model: str, **arguments: Any) -> None:
         model: the class name, for the message.
         **arguments: the constructor arguments that are fields of ``config_class``.
 
+    Returns:
+        The arguments parsed into ``config_class`` (lists as tuples), whose properties derive
+        what the model needs (``divisor``, per-level pools), so those rules stay written once.
+
     Raises:
         ValueError: every problem, each naming its argument (``low.depth: must be in 1..7``).
     """
-    _, problems = from_dict(config_class, arguments)
+    parsed, problems = from_dict(config_class, arguments)
     own = [p for p in problems if re.split(r"[.:\[]", p, maxsplit=1)[0] in arguments]
     if own:
         raise ValueError(f"{model}: {'; '.join(own)}")
+    if parsed is None:  # only rules on fields the constructor does not take failed
+        parsed, _ = from_dict(config_class, arguments, rules=False)
+    assert parsed is not None  # every argument converted, or its problem would be its own
+    return parsed

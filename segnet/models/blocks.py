@@ -1,7 +1,8 @@
 """Small named building blocks shared by the architectures, 2D or 3D by a parameter.
 
 Layout is channels-last: ``(batch, *spatial, channels)`` with ``spatial_dims`` (2 or 3) spatial
-axes, ``(batch, depth, height, width, channels)`` in 3D. The block functions take a symbolic
+axes, ``(batch, depth, height, width, channels)`` in 3D. Sizes, pools and scale factors are
+one int for every axis or one per axis (``(1, 2, 2)`` keeps a coarse depth axis). The block functions take a symbolic
 tensor, create their layers under a name prefix and return the output tensor, so a model's
 ``__init__`` reads top to bottom. The layer classes here (padding, cropping, linear
 up-sampling) are registered as serializable so saved models reload without custom objects.
@@ -18,12 +19,13 @@ from typing import Any
 import keras
 from keras import ops
 
-from segnet.config import Activation, Norm
+from segnet.config import Activation, Norm, collapse, per_axis
 
 _CONV = {2: keras.layers.Conv2D, 3: keras.layers.Conv3D}
 _CONV_TRANSPOSE = {2: keras.layers.Conv2DTranspose, 3: keras.layers.Conv3DTranspose}
 _MAX_POOL = {2: keras.layers.MaxPooling2D, 3: keras.layers.MaxPooling3D}
 _DROPOUT = {2: keras.layers.SpatialDropout2D, 3: keras.layers.SpatialDropout3D}
+Size = int | Sequence[int]  # one value for every spatial axis, or one per axis
 
 NORMS: tuple[str, ...] = typing.get_args(Norm)  # the choices of model.<name>.norm
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
@@ -59,7 +61,7 @@ def conv(
     filters: int,
     spatial_dims: int,
     *,
-    kernel_size: int = 3,
+    kernel_size: Size = 3,
     use_bias: bool = True,
     dtype: str | None = None,
     name: str,
@@ -113,7 +115,12 @@ def activation(kind: str, name: str) -> keras.layers.Layer:
 
 
 def conv_block(
-    x: Any, filters: int, spec: ConvSpec, name: str, last_filters: int | None = None
+    x: Any,
+    filters: int,
+    spec: ConvSpec,
+    name: str,
+    last_filters: int | None = None,
+    kernel_size: Size = 3,
 ) -> Any:
     """``spec.convs`` x (conv -> norm -> activation), then optional channel dropout.
 
@@ -124,6 +131,7 @@ def conv_block(
         name: prefix of the layer names.
         last_filters: output channels of the last convolution, if different (SegNet's
             decoder narrows to the next level's width there).
+        kernel_size: odd, per axis or for all; 1 along an axis convolves within slices.
 
     Returns:
         ``(batch, *spatial, last_filters or filters)``, same spatial size.
@@ -132,7 +140,13 @@ def conv_block(
         width = last_filters if last_filters and i == spec.convs - 1 else filters
         norm = normalization(spec.norm, width, spec.groups, f"{name}_norm{i}")
         # A bias before a normalisation that re-centres is redundant.
-        x = conv(width, spec.spatial_dims, use_bias=norm is None, name=f"{name}_conv{i}")(x)
+        x = conv(
+            width,
+            spec.spatial_dims,
+            kernel_size=kernel_size,
+            use_bias=norm is None,
+            name=f"{name}_conv{i}",
+        )(x)
         if norm is not None:
             x = norm(x)
         x = activation(spec.activation, f"{name}_act{i}")(x)
@@ -141,32 +155,35 @@ def conv_block(
     return x
 
 
-def down(x: Any, spatial_dims: int, name: str) -> Any:
-    """Halves every spatial size with a 2-wide max pool (sizes must be even)."""
-    return _MAX_POOL[spatial_dims](pool_size=2, name=name)(x)
+def down(x: Any, spatial_dims: int, name: str, pool_size: Size = 2) -> Any:
+    """Divides each spatial size by its pool with a max pool (sizes must divide)."""
+    return _MAX_POOL[spatial_dims](pool_size=_keras_size(pool_size, spatial_dims), name=name)(x)
 
 
-def up(x: Any, filters: int, spatial_dims: int, mode: str, name: str) -> Any:
-    """Doubles every spatial size and maps to ``filters`` channels.
+def up(x: Any, filters: int, spatial_dims: int, mode: str, name: str, factor: Size = 2) -> Any:
+    """Multiplies each spatial size by its ``factor`` and maps to ``filters`` channels.
 
     Args:
         x: ``(batch, *spatial, channels)``.
         filters: output channels.
         spatial_dims: 2 or 3.
-        mode: ``"transpose"`` (a learned 2-wide, stride-2 transposed convolution) or
-            ``"resize"`` (linear interpolation, then a 1-wide convolution: the conv block that
-            follows mixes neighbours, and resizing first avoids checkerboard artefacts).
+        mode: ``"transpose"`` (a learned transposed convolution, as wide as its stride
+            ``factor``) or ``"resize"`` (linear interpolation, then a 1-wide convolution: the
+            conv block that follows mixes neighbours, and resizing first avoids checkerboard
+            artefacts).
         name: prefix of the layer names.
+        factor: the pool this undoes, per axis or for all.
 
     Returns:
-        ``(batch, *2 * spatial, filters)``.
+        ``(batch, *factor * spatial, filters)``.
     """
+    factor = _keras_size(factor, spatial_dims)
     if mode == "transpose":
         return _CONV_TRANSPOSE[spatial_dims](
-            filters, 2, strides=2, kernel_initializer="he_normal", name=name
+            filters, factor, strides=factor, kernel_initializer="he_normal", name=name
         )(x)
     if mode == "resize":
-        x = LinearUpsampling(2, spatial_dims, name=f"{name}_resize")(x)
+        x = LinearUpsampling(factor, spatial_dims, name=f"{name}_resize")(x)
         return conv(filters, spatial_dims, kernel_size=1, name=f"{name}_conv")(x)
     raise ValueError(f"unknown up-sampling mode {mode!r}; expected 'transpose' or 'resize'")
 
@@ -176,12 +193,17 @@ def head(x: Any, num_classes: int, spatial_dims: int, name: str) -> Any:
     return conv(num_classes, spatial_dims, kernel_size=1, dtype="float32", name=name)(x)
 
 
-def crop_logits(logits: Any, reference: Any, scale: int, name: str) -> Any:
+def _keras_size(size: Size, spatial_dims: int) -> int | tuple[int, ...]:
+    """``size`` as Keras layers take it: the int when every axis agrees (today's layers)."""
+    return collapse(per_axis(size, spatial_dims))
+
+
+def crop_logits(logits: Any, reference: Any, scale: Size, name: str) -> Any:
     """Crops padded logits to ``ceil(reference_spatial / scale)``, keeping them float32."""
     return CropToReference(scale, dtype="float32", name=name)([logits, reference])
 
 
-def downsample_labels(labels: Any, num_classes: int, factor: int, spatial_dims: int = 3) -> Any:
+def downsample_labels(labels: Any, num_classes: int, factor: Size, spatial_dims: int = 3) -> Any:
     """Soft labels at ``1 / factor`` resolution: one-hot labels averaged over each block.
 
     The targets for low-resolution outputs (deep supervision, ``loss_at: low``, the cascade's
@@ -191,30 +213,41 @@ def downsample_labels(labels: Any, num_classes: int, factor: int, spatial_dims: 
     Args:
         labels: int ``(batch, *spatial)`` class indices.
         num_classes: number of classes.
-        factor: block size along every spatial axis; 1 returns the one-hot labels.
+        factor: block size along every spatial axis, or per axis; 1 returns the one-hot labels.
         spatial_dims: 2 or 3.
 
     Returns:
         float32 ``(batch, *ceil(spatial / factor), num_classes)``, summing to 1 over classes.
     """
     onehot = ops.one_hot(ops.cast(labels, "int32"), num_classes, dtype="float32")
-    if factor == 1:
+    block = per_axis(factor, spatial_dims)
+    if max(block) == 1:
         return onehot
     # Pad at the end, like PadToMultiple ('same' pooling would pad both sides), then divide
     # by the share of each block inside the volume, which is the sum over classes.
-    padded = pad_to_multiple(onehot, factor)
-    mean = ops.average_pool(padded, (factor,) * spatial_dims, factor, padding="valid")
+    padded = pad_to_multiple(onehot, block)
+    mean = ops.average_pool(padded, block, block, padding="valid")
     return mean / ops.sum(mean, axis=-1, keepdims=True)
 
 
-def pad_to_multiple(x: Any, multiple: int) -> Any:
-    """Zero-pads the end of every spatial axis of ``(batch, *spatial, channels)`` to a multiple."""
-    pads = [(0, (-n) % multiple) for n in ops.shape(x)[1:-1]]
+def pad_to_multiple(x: Any, multiple: Size) -> Any:
+    """Zero-pads the end of every spatial axis of ``(batch, *spatial, channels)`` to a multiple
+    (of its own, when ``multiple`` is per axis)."""
+    spatial = ops.shape(x)[1:-1]
+    pads = [(0, (-n) % m) for n, m in zip(spatial, per_axis(multiple, len(spatial)))]
     return ops.pad(x, [(0, 0), *pads, (0, 0)])
 
 
-def _spatial_ceil(shape: Sequence[int | None], multiple: int) -> list[int | None]:
-    return [None if n is None else -(-n // multiple) for n in shape[1:-1]]
+def _spatial_ceil(shape: Sequence[int | None], multiple: Size) -> list[int | None]:
+    spatial = shape[1:-1]
+    return [
+        None if n is None else -(-n // m) for n, m in zip(spatial, per_axis(multiple, len(spatial)))
+    ]
+
+
+def _stored(size: Size) -> int | list[int]:
+    """A size as a layer's config keeps it: an int, or a JSON-ready list per axis."""
+    return size if isinstance(size, int) else [int(v) for v in size]
 
 
 @keras.saving.register_keras_serializable(package="segnet")
@@ -224,20 +257,22 @@ class PadToMultiple(keras.layers.Layer):
     Lets a network whose poolings need divisible sizes take any size; pair it with
     ``CropToReference`` at the outputs. Sizes that already divide pass through unchanged.
 
-    Call: ``(batch, *spatial, channels)`` -> ``(batch, *ceil(spatial / m) * m, channels)``.
+    Call: ``(batch, *spatial, channels)`` -> ``(batch, *ceil(spatial / m) * m, channels)``,
+    ``m`` one int for every axis or one per axis.
     """
 
-    def __init__(self, multiple: int, **kwargs: Any) -> None:
+    def __init__(self, multiple: Size, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.multiple = multiple
+        self.multiple = _stored(multiple)
 
     def call(self, x: Any) -> Any:
         return pad_to_multiple(x, self.multiple)
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple:
+        multiples = per_axis(self.multiple, len(input_shape) - 2)
         spatial = [
-            None if n is None else n * self.multiple
-            for n in _spatial_ceil(input_shape, self.multiple)
+            None if n is None else n * m
+            for n, m in zip(_spatial_ceil(input_shape, self.multiple), multiples)
         ]
         return (input_shape[0], *spatial, input_shape[-1])
 
@@ -255,14 +290,15 @@ class CropToReference(keras.layers.Layer):
     large as the target; returns ``(batch, *ceil(reference_spatial / scale), channels)``.
     """
 
-    def __init__(self, scale: int = 1, **kwargs: Any) -> None:
+    def __init__(self, scale: Size = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.scale = scale
+        self.scale = _stored(scale)
 
     def call(self, inputs: Sequence[Any]) -> Any:
         x, reference = inputs
         shape, target = ops.shape(x), ops.shape(reference)
-        spatial = [(n + self.scale - 1) // self.scale for n in target[1:-1]]
+        scales = per_axis(self.scale, len(target) - 2)
+        spatial = [(n + s - 1) // s for n, s in zip(target[1:-1], scales)]
         return ops.slice(x, [0] * len(shape), [shape[0], *spatial, shape[-1]])
 
     def compute_output_shape(self, input_shape: Sequence[Sequence[int | None]]) -> tuple:
@@ -275,7 +311,8 @@ class CropToReference(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="segnet")
 class LinearUpsampling(keras.layers.Layer):
-    """Multiplies every spatial size by an integer ``factor`` with (bi/tri)linear interpolation.
+    """Multiplies each spatial size by an integer ``factor`` (one for all axes or one per axis)
+    with (bi/tri)linear interpolation.
 
     Half-pixel centres with edge clamping, like ``tf.image.resize(..., "bilinear")`` and
     ``scipy.ndimage.zoom(order=1, grid_mode=True, mode="nearest")``: output voxel ``o`` reads
@@ -285,33 +322,35 @@ class LinearUpsampling(keras.layers.Layer):
     Call: ``(batch, *spatial, channels)`` -> ``(batch, *spatial * factor, channels)``.
     """
 
-    def __init__(self, factor: int, spatial_dims: int = 3, **kwargs: Any) -> None:
+    def __init__(self, factor: Size, spatial_dims: int = 3, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.factor = factor
+        self.factor = _stored(factor)
         self.spatial_dims = spatial_dims
 
     def call(self, x: Any) -> Any:
-        for axis in range(1, self.spatial_dims + 1):
-            x = self._upsample_axis(x, axis)
+        for axis, factor in enumerate(per_axis(self.factor, self.spatial_dims), start=1):
+            if factor > 1:
+                x = self._upsample_axis(x, axis, factor)
         return x
 
-    def _upsample_axis(self, x: Any, axis: int) -> Any:
+    def _upsample_axis(self, x: Any, axis: int, factor: int) -> Any:
         def take(sl: slice) -> Any:
             return x[(slice(None),) * axis + (sl,)]
 
         previous = ops.concatenate([take(slice(0, 1)), take(slice(None, -1))], axis=axis)
         following = ops.concatenate([take(slice(1, None)), take(slice(-1, None))], axis=axis)
         phases = []
-        for phase in range(self.factor):
-            offset = (phase + 0.5) / self.factor - 0.5  # in (-0.5, 0.5): one neighbour
+        for phase in range(factor):
+            offset = (phase + 0.5) / factor - 0.5  # in (-0.5, 0.5): one neighbour
             neighbour = previous if offset < 0 else following
             phases.append(x * (1.0 - abs(offset)) + neighbour * abs(offset))
         shape = list(ops.shape(x))
-        shape[axis] = shape[axis] * self.factor
+        shape[axis] = shape[axis] * factor
         return ops.reshape(ops.stack(phases, axis=axis + 1), shape)
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple:
-        spatial = [None if n is None else n * self.factor for n in input_shape[1:-1]]
+        factors = per_axis(self.factor, self.spatial_dims)
+        spatial = [None if n is None else n * f for n, f in zip(input_shape[1:-1], factors)]
         return (input_shape[0], *spatial, input_shape[-1])
 
     def get_config(self) -> dict[str, Any]:

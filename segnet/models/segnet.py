@@ -1,7 +1,8 @@
 """SegNet (Badrinarayanan et al.), 2D or 3D: the decoder unpools at the encoder's argmax.
 
-Each encoder level is a conv block ending in a 2-wide max pool that records where every
-maximum came from; each decoder level puts its input back at those positions in a zero map of
+Each encoder level is a conv block ending in a max pool (2 wide along every axis, or per axis
+by ``pool_sizes``: ``[1, 2, 2]`` keeps a coarse depth axis) that records where every maximum
+came from; each decoder level puts its input back at those positions in a zero map of
 the recorded pre-pool shape, then densifies it with a conv block. No skip connections carry
 features, only the argmax positions, so the decoder is cheap in memory.
 
@@ -18,14 +19,16 @@ patch's axial slices.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import keras
 
-from segnet.config import SegNetConfig
+from segnet.config import SegNetConfig, collapse
 from segnet.models import blocks
 from segnet.models.argmax_pooling import MaxPoolingWithArgmax, MaxUnpoolingWithArgmax
 from segnet.models.base import SegmentationModel, check_arguments
+from segnet.strict_dataclass import to_dict
 
 if TYPE_CHECKING:
     from segnet.config import ExperimentConfig
@@ -51,6 +54,7 @@ class SegNet(SegmentationModel):
         groups: groups for ``norm="group"``.
         activation: ``"relu" | "leaky_relu" | "elu" | "gelu" | "swish"``.
         dropout: channel dropout rate after each block.
+        pool_sizes: per level, a pool of 1 or 2 per spatial axis; None pools 2 along every axis.
         **kwargs: ``keras.Model`` arguments (``name``, ``trainable``).
     """
 
@@ -68,9 +72,10 @@ class SegNet(SegmentationModel):
         groups: int = 8,
         activation: str = "relu",
         dropout: float = 0.0,
+        pool_sizes: Sequence[Sequence[int]] | None = None,
         **kwargs: Any,
     ) -> None:
-        check_arguments(
+        settings = check_arguments(
             SegNetConfig,
             type(self).__name__,
             spatial_dims=spatial_dims,
@@ -83,7 +88,9 @@ class SegNet(SegmentationModel):
             groups=groups,
             activation=activation,
             dropout=dropout,
+            pool_sizes=pool_sizes,
         )
+        windows = [collapse(pool) for pool in settings.level_pools]
 
         # === Layers ===
         # Created by the block functions below as the graph is traced, named by level.
@@ -96,11 +103,13 @@ class SegNet(SegmentationModel):
         pools = []
         for level in range(depth):
             before_pool = blocks.conv_block(x, widths[level], spec, name=f"encoder{level}")
-            x, argmax = MaxPoolingWithArgmax(2, name=f"pool{level}")(before_pool)
+            x, argmax = MaxPoolingWithArgmax(windows[level], name=f"pool{level}")(before_pool)
             pools.append((argmax, before_pool))
         for level in reversed(range(depth)):
             argmax, before_pool = pools[level]
-            x = MaxUnpoolingWithArgmax(2, name=f"unpool{level}")([x, argmax, before_pool])
+            x = MaxUnpoolingWithArgmax(windows[level], name=f"unpool{level}")(
+                [x, argmax, before_pool]
+            )
             narrow = widths[max(level - 1, 0)]
             x = blocks.conv_block(
                 x, widths[level], spec, name=f"decoder{level}", last_filters=narrow
@@ -126,6 +135,7 @@ class SegNet(SegmentationModel):
         self.groups = groups
         self.activation = activation
         self.dropout = dropout
+        self.pool_sizes = settings.pool_sizes
 
     @property
     def output_scales(self) -> tuple[int, ...]:
@@ -153,6 +163,7 @@ class SegNet(SegmentationModel):
                 "groups": self.groups,
                 "activation": self.activation,
                 "dropout": self.dropout,
+                "pool_sizes": to_dict(self.pool_sizes),
             }
         )
         return config

@@ -22,8 +22,8 @@ Output contract (read by the loss and the trainer):
   Stage-wise training copies stage 1 between runs:
   ``high.get_layer("stage1").set_weights(low.get_layer("stage1").get_weights())``.
 
-Any input size works: the input is zero-padded to a multiple of
-``max(2**low.depth * downsample, 2**high.depth)`` and the outputs are cropped back.
+Any input size works: the input is zero-padded to a multiple of ``CascadeConfig.divisor``
+(per axis ``max(low divisor * downsample, high divisor)``) and the outputs are cropped back.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import keras
 
-from segnet.config import CascadeConfig
+from segnet.config import CascadeConfig, collapse
 from segnet.models import blocks
 from segnet.models.base import SegmentationModel, check_arguments
 from segnet.models.unet3d import UNet3D, unet3d_arguments
@@ -67,7 +67,7 @@ class UNet3DCascade(SegmentationModel):
         **kwargs: Any,
     ) -> None:
         low, high = dict(low or {}), dict(high or {})
-        check_arguments(
+        settings = check_arguments(
             CascadeConfig,
             type(self).__name__,
             downsample=downsample,
@@ -81,11 +81,10 @@ class UNet3DCascade(SegmentationModel):
         stage2 = None
         if train_stage != "low":
             stage2 = UNet3D(num_channels + num_classes, num_classes, **high, name="stage2")
-        divisor = max(2**stage1.depth * downsample, 2 ** (stage2.depth if stage2 else 0))
 
         # === Functional Model ===
         image = keras.Input(shape=(None, None, None, num_channels), name="image")
-        padded = blocks.PadToMultiple(divisor, name="pad")(image)
+        padded = blocks.PadToMultiple(collapse(settings.divisor), name="pad")(image)
         coarse = keras.layers.AveragePooling3D(downsample, name="stage1_downsample")(padded)
         low_logits = stage1(coarse)
         if stage2 is None:

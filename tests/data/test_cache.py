@@ -203,6 +203,16 @@ def test_fingerprint_change_invalidates_only_when_it_matters(tiny_data_config) -
     assert cache.settings_hash(resampling, moved) != cache.settings_hash(resampling, fingerprint)
 
 
+def test_per_channel_normalization_is_part_of_the_cache_key(tiny_data_config) -> None:
+    fingerprint = load_or_compute_fingerprint(
+        tiny_data_config, describe_dataset(tiny_data_config.data)
+    )
+    per_channel = _with(tiny_data_config, "preprocessing", channel_normalization=("range",))
+    assert cache.settings_hash(per_channel, fingerprint) != cache.settings_hash(
+        tiny_data_config, fingerprint
+    )
+
+
 def test_fingerprint_is_cached(tiny_data_config, monkeypatch) -> None:
     cases = describe_dataset(tiny_data_config.data)
     ct = _with(tiny_data_config, "preprocessing", normalization="ct")

@@ -111,6 +111,18 @@ def test_normalization_modes(mode: str) -> None:
         np.testing.assert_array_equal(out, image)
 
 
+def test_each_channel_gets_its_own_scheme() -> None:
+    image, _ = phantom()
+    mask = np.any(image != 0, axis=-1)
+    config = PreprocessingConfig(channel_normalization=("ct", "zscore"))
+    out = normalize(image, config, FINGERPRINT, mask)
+    ct_only = normalize(image, PreprocessingConfig(normalization="ct"), FINGERPRINT, mask)
+    zscore_only = normalize(image, PreprocessingConfig(normalization="zscore"), FINGERPRINT, mask)
+    np.testing.assert_array_equal(out[..., 0], ct_only[..., 0])
+    np.testing.assert_array_equal(out[..., 1], zscore_only[..., 1])
+    assert config.uses_ct and not PreprocessingConfig(channel_normalization=("zscore",)).uses_ct
+
+
 def test_ct_without_statistics_is_a_user_error() -> None:
     image, _ = phantom()
     with pytest.raises(UserError, match="normalization 'ct'"):

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from segnet.config import ExperimentConfig, ModelConfig, build_config
+from segnet.config import ExperimentConfig, ModelConfig, build_config, per_axis
 from segnet.errors import ConfigError, UserError
 from segnet.models import build_model, registered_names
 from segnet.models.base import CONTRACT, SegmentationModel
@@ -53,7 +53,24 @@ ROWS = [
         "unet3d_cascade",
         {**TINY_CASCADE, "train_stage": "high", "stage1_from": "runs/low"},
     ),
+    (
+        # nnU-Net's plan for a coarse depth axis: keep it, convolve within slices, pool later.
+        "unet3d_per_axis",
+        "unet3d",
+        {
+            **TINY,
+            "pool_sizes": [[1, 2, 2], [2, 2, 2]],
+            "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]],
+            "deep_supervision": True,
+        },
+    ),
+    (
+        "unet3d_per_axis_low_res",
+        "unet3d",
+        {**TINY, "input_downsample": [1, 2, 2], "loss_at": "low", "upsampling": "resize"},
+    ),
     ("segnet3d", "segnet", TINY),
+    ("segnet3d_per_axis", "segnet", {**TINY, "pool_sizes": [[1, 2, 2], [2, 2, 2]]}),
     ("segnet2d", "segnet", {**TINY, "spatial_dims": 2, "norm": "group", "groups": 2}),
 ]
 ROW = pytest.mark.parametrize(("name", "settings"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
@@ -113,6 +130,13 @@ BROKEN = [
     ("unet3d", {"input_downsample": 3}, "input_downsample"),
     ("unet3d", {"loss_at": "low"}, "loss_at"),
     ("unet3d", {"upsampling": "nearest"}, "upsampling"),
+    ("unet3d", {"input_downsample": [1, 3, 2]}, "input_downsample[1]"),
+    ("unet3d", {"depth": 2, "pool_sizes": [[1, 2, 2]]}, "pool_sizes"),
+    ("unet3d", {"depth": 1, "pool_sizes": [[1, 3, 2]]}, "pool_sizes[0]"),
+    ("unet3d", {"depth": 1, "pool_sizes": [[1, 1, 1]]}, "pool_sizes"),
+    ("unet3d", {"depth": 1, "kernel_sizes": [[3, 3, 3]]}, "kernel_sizes"),
+    ("unet3d", {"depth": 1, "kernel_sizes": [[3, 3, 3], [2, 3, 3]]}, "kernel_sizes[1]"),
+    ("segnet", {"depth": 1, "spatial_dims": 2, "pool_sizes": [[1, 2, 2]]}, "pool_sizes[0]"),
     ("segnet", {"spatial_dims": 1}, "spatial_dims"),
     ("segnet", {"norm": "layer"}, "norm"),
     ("segnet", {"activation": "relu6"}, "activation"),
@@ -179,7 +203,8 @@ def test_outputs_match_the_input_size(name: str, settings: dict, size: tuple[int
     outputs = keras.tree.flatten(model(x))
     assert len(outputs) == len(model.output_scales)
     for output, scale in zip(outputs, model.output_scales):
-        expected = (2, *(math.ceil(n / scale) for n in x.shape[1:-1]), CLASSES)
+        scales = per_axis(scale, len(x.shape) - 2)
+        expected = (2, *(math.ceil(n / s) for n, s in zip(x.shape[1:-1], scales)), CLASSES)
         assert tuple(output.shape) == expected
         assert output.dtype == "float32"
     assert model.input_shape[-1] == CHANNELS

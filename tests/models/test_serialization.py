@@ -38,7 +38,20 @@ MODELS: list[tuple[str, Callable[[], keras.Model]]] = [
     ("unet3d_learned", lambda: UNet3D(1, 2, **TINY, input_downsample=4, output_upsample="learned")),
     ("cascade_high", lambda: UNet3DCascade(1, 3, 2, low=TINY, high=TINY, train_stage="high")),
     ("cascade_low", lambda: UNet3DCascade(1, 3, 4, low=TINY, high=TINY, train_stage="low")),
+    (
+        "unet3d_per_axis",
+        lambda: UNet3D(
+            1,
+            3,
+            **TINY,
+            pool_sizes=[[1, 2, 2], [2, 2, 2]],
+            kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]],
+            input_downsample=[1, 2, 2],
+            deep_supervision=True,
+        ),
+    ),
     ("segnet3d", lambda: SegNet(1, 3, **TINY)),
+    ("segnet3d_per_axis", lambda: SegNet(1, 3, **TINY, pool_sizes=[[1, 2, 2], [2, 1, 2]])),
     ("segnet2d", lambda: SegNet(2, 3, spatial_dims=2, **TINY, norm="instance", dropout=0.1)),
 ]
 ROW = pytest.mark.parametrize("make", [m[1] for m in MODELS], ids=[m[0] for m in MODELS])

@@ -25,12 +25,11 @@ def _random(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
 
 
-@pytest.mark.parametrize("factor", [2, 3, 4])
-def test_linear_upsampling_matches_scipy_zoom(factor: int) -> None:
+@pytest.mark.parametrize("factor", [2, 3, 4, (1, 2, 3)])
+def test_linear_upsampling_matches_scipy_zoom(factor: int | tuple[int, ...]) -> None:
     x = _random((2, 5, 6, 7, 3))
-    expected = scipy.ndimage.zoom(
-        x, (1, factor, factor, factor, 1), order=1, grid_mode=True, mode="nearest"
-    )
+    factors = (factor,) * 3 if isinstance(factor, int) else factor
+    expected = scipy.ndimage.zoom(x, (1, *factors, 1), order=1, grid_mode=True, mode="nearest")
     np.testing.assert_allclose(blocks.LinearUpsampling(factor)(x), expected, atol=1e-5)
 
 
@@ -40,13 +39,18 @@ def test_linear_upsampling_2d_matches_tf_image_resize() -> None:
     np.testing.assert_allclose(blocks.LinearUpsampling(2, spatial_dims=2)(x), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize(("size", "factor"), [((8, 6, 4), 2), ((5, 6, 7), 2), ((9, 9, 10), 4)])
-def test_downsample_labels_is_the_block_mean_of_one_hot(size: tuple, factor: int) -> None:
+@pytest.mark.parametrize(
+    ("size", "factor"),
+    [((8, 6, 4), 2), ((5, 6, 7), 2), ((9, 9, 10), 4), ((5, 9, 10), (1, 2, 4))],
+)
+def test_downsample_labels_is_the_block_mean_of_one_hot(size: tuple, factor: int | tuple) -> None:
     labels = np.random.default_rng(1).integers(0, 3, size=(2, *size))
     soft = keras.ops.convert_to_numpy(blocks.downsample_labels(labels, 3, factor))
+    factors = (factor,) * 3 if isinstance(factor, int) else factor
+    assert soft.shape[1:4] == tuple(-(-n // f) for n, f in zip(size, factors))
     onehot = np.eye(3, dtype="float32")[labels]
     for index in np.ndindex(*soft.shape[1:4]):
-        block = tuple(slice(i * factor, (i + 1) * factor) for i in index)
+        block = tuple(slice(i * f, (i + 1) * f) for i, f in zip(index, factors))
         np.testing.assert_allclose(
             soft[(slice(None), *index)], onehot[(slice(None), *block)].mean((1, 2, 3)), atol=1e-6
         )
@@ -61,6 +65,53 @@ def test_pad_then_crop_restores_odd_sizes_inside_a_graph() -> None:
     assert tuple(padded.shape) == (1, 24, 16, 16, 2)
     np.testing.assert_array_equal(cropped, x)
     assert np.all(keras.ops.convert_to_numpy(padded)[:, 17:] == 0)
+
+
+def test_pad_then_crop_per_axis() -> None:
+    image = keras.Input((None, None, None, 1))
+    padded = blocks.PadToMultiple((1, 4, 8))(image)
+    model = keras.Model(image, [padded, blocks.CropToReference((1, 2, 4))([padded, image])])
+    padded, cropped = model(_random((1, 5, 9, 9, 1)))
+    assert tuple(padded.shape) == (1, 5, 12, 16, 1)
+    assert tuple(cropped.shape) == (1, 5, 5, 3, 1)
+
+
+ANISOTROPIC = {  # a 10 x 1.5 x 1.5 mm grid: depth pooled only at the last level
+    "pool_sizes": [[1, 2, 2], [1, 2, 2], [2, 2, 2]],
+    "kernel_sizes": [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]],
+}
+
+
+def test_per_axis_pools_and_kernels_keep_a_coarse_axis() -> None:
+    model = UNet3D(**{**TINY, "depth": 3}, **ANISOTROPIC, deep_supervision=True)
+    pools = [layer.pool_size for layer in model.layers if "down" in layer.name]
+    assert pools == [(1, 2, 2), (1, 2, 2), (2, 2, 2)]
+    assert model.get_layer("encoder0_conv0").kernel_size == (1, 3, 3)
+    assert model.get_layer("bottleneck_conv0").kernel_size == (3, 3, 3)
+    assert model.get_layer("up0").strides == (1, 2, 2)
+    assert model.output_scales == (1, (1, 2, 2), (1, 4, 4))
+    assert model.output_names == ["logits", "logits_x1x2x2", "logits_x1x4x4"]
+    # 9 slices pad to 10 (the divisor is 2 x 8 x 8), and every output is cropped back.
+    shapes = [tuple(o.shape) for o in model(_random((1, 9, 33, 40, 1)))]
+    assert shapes == [(1, 9, 33, 40, 3), (1, 9, 17, 20, 3), (1, 9, 9, 10, 3)]
+
+
+def test_default_pools_and_kernels_build_todays_network() -> None:
+    keras.utils.set_random_seed(0)
+    today = UNet3D(**TINY, deep_supervision=True)
+    explicit = UNet3D(
+        **TINY,
+        pool_sizes=[[2, 2, 2]] * 2,
+        kernel_sizes=[[3, 3, 3]] * 3,
+        input_downsample=[1, 1, 1],
+        deep_supervision=True,
+    )
+    assert [layer.name for layer in explicit.layers] == [layer.name for layer in today.layers]
+    explicit.set_weights(today.get_weights())  # the same weights fit, shape for shape
+    x = _random((1, 9, 10, 11, 1))
+    for a, b in zip(today(x), explicit(x)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert today.output_scales == explicit.output_scales == (1, 2)
 
 
 def _assert_runs_at_low_resolution_inside(model: keras.Model, factor: int) -> None:
