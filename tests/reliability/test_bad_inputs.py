@@ -76,9 +76,10 @@ def _workspace(tmp_path: Path, dataset: Path, trained: Path | None) -> Workspace
 
 
 def _untracked(entry: BadInput) -> re.Pattern[str]:
-    """Files a failed command may still change: logs always; the config under --force."""
+    """Files a failed command may still change: the logs and events.jsonl always; the config
+    under --force."""
     config = r"|config\.yaml|config\.before-.*\.yaml" if entry.forced else ""
-    return re.compile(rf"train\.log|logs/.*{config}")
+    return re.compile(rf"train\.log|events\.jsonl|logs/.*{config}")
 
 
 def _contents(files: dict[str, tuple]) -> dict[str, tuple]:
