@@ -28,10 +28,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import SPEC, write_yaml
 
 from segnet.config import ExperimentConfig
-
-from .conftest import write_yaml
 
 IMAGE = "imagesTr/case_000_0000.nii.gz"
 LABEL = "labelsTr/case_000.nii.gz"
@@ -202,7 +201,11 @@ def nnunet_v2(**changes: Any) -> Callable[[Path], None]:
 
     def apply(root: Path) -> None:
         labels = {"background": 0, "first": 1, "second": 2}
-        description = {"channel_names": {"0": "MR"}, "labels": labels, "numTraining": 4}
+        description = {
+            "channel_names": {"0": "MR"},
+            "labels": labels,
+            "numTraining": SPEC.num_cases,
+        }
         description["file_ending"] = ".nii.gz"
         (root / "dataset.json").write_text(json.dumps({**description, **changes}))
 
@@ -511,7 +514,7 @@ CONFIG = [
     BadInput("folds-file-missing", "config", change(data={"split": {"folds_file": "nope.json"}}), ("data.split.folds_file: not found: {root}/nope.json",)),
     BadInput("case-list-file-missing", "config", change(data={**_LIST_CASES, "cases": [{**_CASE, "images": ["imagesTr/ghost.nii.gz"]}]}), ("data.cases[0] (case_000): file not found: {root}/imagesTr/ghost.nii.gz",)),
     BadInput("split-val-unknown-ids", "config", change(data={"split": {"folds_file": None, "val": ["nope"]}}), ("data.split.val: case ids not in the dataset: ['nope']",)),
-    BadInput("fold-not-in-folds-file", "config", change(data={"split": {"fold": 3}}), ("data.split.fold: fold 3 is not in {root}/folds.json",)),
+    BadInput("fold-not-in-folds-file", "config", change(data={"split": {"fold": 7}}), ("data.split.fold: fold 7 is not in {root}/folds.json",)),
 ]
 
 DATASET = [

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
-from training_helpers import assert_same_checkpoints, tiny_config
+from helpers import assert_same_checkpoints, tiny_config
 
 from segnet.errors import DataError, RunDirError, UserError
 from segnet.training import progress_plot, trainer
@@ -227,6 +227,7 @@ def test_stop_then_resume_ends_exactly_like_the_uninterrupted_run(
     assert_same_checkpoints(
         checkpoint_candidates(run / "checkpoints")[0],
         checkpoint_candidates(reference_run.run_dir / "checkpoints")[0],
+        object_graph=False,  # both built in this process: their Keras names differ
     )
     with (run / "metrics.csv").open() as handle:
         assert [r["epoch"] for r in csv.DictReader(handle)] == ["1", "2"]
