@@ -1,5 +1,6 @@
-"""Every entry of the bad-input corpus: exit 2, one message naming what is wrong, no traceback,
-and nothing written into a new run directory or changed in an existing one.
+"""Every entry of the bad-input corpus: exit 2, the error class, one message naming the file,
+key or flag, no traceback, and nothing written into a new run directory or changed in an
+existing one.
 
 Most entries run in-process through ``segnet.cli.*_main`` (seconds instead of a TensorFlow
 import each); those marked ``subprocess`` run ``scripts/<program>.py`` for real, to prove the
@@ -23,6 +24,7 @@ import pytest
 import yaml
 from helpers import REPO, child_env, crash_experiment, snapshot
 
+from segnet import cli
 from segnet.cli import evaluate_main, predict_main, train_main
 from segnet.config import build_config
 
@@ -147,9 +149,12 @@ def test_bad_input_gives_exit_2_one_message_and_changes_nothing(
         entry.fault(monkeypatch, ws)
     status, stderr = _run(entry, argv, capsys)
     assert status == 2, stderr
+    if not entry.subprocess:  # a child's exception stays in the child
+        raised = type(cli.last_error) if cli.last_error is not None else None
+        assert raised is entry.error, f"{cli.last_error!r}\n{stderr}"
     message = _message(entry.program, stderr)
-    for expected in entry.expect:
-        assert expected.format(**ws.fields()) in message, message
+    for name in entry.names:
+        assert name.format(**ws.fields()) in message, message
     after = _contents(snapshot(ws.run, skip)), snapshot(ws.out)
     assert not _changes(before, after), f"changed by the failed command: {_changes(before, after)}"
 
