@@ -3,7 +3,9 @@
 
 ``scripts/*.py`` call the same functions. Each parses its flags, then makes one call into the
 library. A user-fixable problem (``UserError``) is printed as one message on stderr with exit
-status 2 and no traceback; ``--debug`` shows the traceback instead.
+status 2 and no traceback; ``--debug`` shows the traceback instead. The exception so reported
+stays in :data:`last_error`, for in-process callers (the tests) that need its class rather
+than its wording.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from segnet.files import WRITE_ERRORS, describe_write_error
 
 EXIT_USAGE = 2
 log = logging.getLogger("segnet")
+# The UserError (or failed write) the last command in this process printed; None if it printed
+# none. Only a record: the message on stderr and the exit status are the interface.
+last_error: Exception | None = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,6 +89,8 @@ def _run(
 def _report_user_errors(
     prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace
 ) -> int:
+    global last_error
+    last_error = None
     try:
         return body(args)
     except KeyboardInterrupt:
@@ -94,6 +101,7 @@ def _report_user_errors(
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except UserError as exc:
+        last_error = exc
         if args.debug:
             traceback.print_exc()
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -101,6 +109,7 @@ def _report_user_errors(
     except OSError as exc:
         if exc.errno not in WRITE_ERRORS:
             raise
+        last_error = exc
         if args.debug:
             traceback.print_exc()
         where = exc.filename or "a file"

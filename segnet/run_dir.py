@@ -12,6 +12,7 @@
       metrics.csv            one row per epoch
       progress.png           loss, learning rate, validation Dice, step rate, redrawn per epoch
       train.log              the text log
+      events.jsonl           the run's milestones, one JSON object per line (training.events)
       export/model.keras     the final Keras model
       export/saved_model/    the final TensorFlow SavedModel (loads without segnet)
       evaluation/<ckpt>/     metrics.json, per_case.csv, predictions, montages
@@ -107,6 +108,10 @@ class RunLayout:
     @property
     def train_log(self) -> Path:
         return self.root / "train.log"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
 
     @property
     def export(self) -> Path:

@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny synthetic NIfTI dataset, a config that uses it, the shared datasets."""
+"""Shared fixtures: the tiny synthetic datasets, a config that uses one, the shared datasets.
+
+The helpers they build on are in ``tests/helpers.py``. Session fixtures are per process, so
+each pytest-xdist worker writes its own copy.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +12,30 @@ import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before anything 
 from pathlib import Path
 
 import pytest
+from helpers import DATA_SPEC, SPEC
 
 from segnet.config import ExperimentConfig, build_config
-from segnet.data.synthetic import SyntheticSpec, write_synthetic_dataset
+from segnet.data.synthetic import write_synthetic_dataset
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
-# 6 cases of odd size 19x20x21, 4 classes (data.num_classes default), 1 channel, 3 folds.
-TINY_SPEC = SyntheticSpec(num_cases=6, shape=(19, 20, 21), num_classes=4, num_folds=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The :data:`helpers.SPEC` dataset, written once per worker (tests must not modify it:
+    copy it first)."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "tiny", SPEC)
 
 
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
-    """Root of a fresh 6-case synthetic dataset (MSD dataset.json, imagesTr/labelsTr, folds.json).
+    """Root of a fresh :data:`helpers.DATA_SPEC` dataset (MSD dataset.json, imagesTr/labelsTr,
+    folds.json), the test's own to edit.
 
     Case ids ``case_000`` .. ``case_005``; images float32 ``imagesTr/case_XXX_0000.nii.gz``,
     labels uint8 0..3 ``labelsTr/case_XXX.nii.gz``; 1 mm RAS grid of 19x20x21 voxels.
     """
-    return write_synthetic_dataset(tmp_path / "tiny_dataset", TINY_SPEC)
+    return write_synthetic_dataset(tmp_path / "tiny_dataset", DATA_SPEC)
 
 
 @pytest.fixture
@@ -35,7 +46,7 @@ def tiny_data_config(tiny_dataset: Path, tmp_path: Path) -> ExperimentConfig:
         {
             "data": {
                 "root": str(tiny_dataset),
-                "num_classes": 4,
+                "num_classes": DATA_SPEC.num_classes,
                 "patch_size": [16, 16, 16],
                 "cache_dir": str(tmp_path / "cache"),
                 "split": {"folds_file": "folds.json", "fold": 0},

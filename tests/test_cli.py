@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -139,3 +140,25 @@ def test_a_broken_stored_config_is_one_line_naming_the_run_flag(
     assert problem in line
     assert "--run " in line and "--run-dir" not in line
     assert "config.before-20250101-000000.yaml" in line
+
+
+def test_the_reported_error_is_kept_until_the_next_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from segnet import cli
+    from segnet.errors import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 0\n")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level  # the CLI configures the root logger
+    try:
+        assert train_main(["--config", str(bad)]) == 2
+        assert type(cli.last_error) is ConfigError and "train.epochs" in str(cli.last_error)
+        assert capsys.readouterr().err.count("error:") == 1  # printed as before, once
+        good = str(REPO / "configs" / "segnet.yaml")
+        assert train_main(["--config", good, "--print-config"]) == 0
+        assert cli.last_error is None
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)

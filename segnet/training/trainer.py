@@ -18,6 +18,10 @@ Read top to bottom, :func:`train` does:
 With ``train.ema_decay`` validation and the export use the averaged weights
 (:mod:`segnet.training.ema`).
 
+Besides ``train.log``, the chief records each milestone (restored, started, checkpoint saved,
+best saved, epoch end, stopped, exported) as a JSON line in ``events.jsonl``
+(:mod:`segnet.training.events`), for monitoring tools and tests to follow.
+
 Stopping: SIGINT/SIGTERM save a checkpoint at the next step boundary and return normally with
 a resume hint. A non-finite loss stops without saving the bad state; out of memory and a full
 disk stop with one sentence saying what to change.
@@ -74,6 +78,7 @@ from segnet.training.checkpoints import (
 )
 from segnet.training.distribute import Cluster, WriteDir, build_strategy, synchronize_batchnorm
 from segnet.training.ema import WeightAverage
+from segnet.training.events import EventLog
 from segnet.training.export import export_model
 from segnet.training.held_out import ValidationResult, validate
 from segnet.training.optimizers import build_optimizer
@@ -190,11 +195,12 @@ def train(
             _write_json(layout.fingerprint, data.fingerprint.to_dict())
             _write_json(layout.split, data.split)
             stack.enter_context(_log_file(layout.train_log))
+        events = EventLog(layout.events if cluster.is_chief else None)
         log.info("%s %s", "resuming" if resuming else "starting", run_dir)
         log.info("%s", describe_split(data.split))  # the data was read before train.log opened
         for warning in data.warnings:  # checked before the run directory existed: log them now
             log.warning("%s", warning)
-        return session.run(quiet)
+        return session.run(quiet, events)
 
 
 def describe_split(split: dict[str, Any]) -> str:
@@ -330,6 +336,7 @@ class _Session:
             average=self.average,
         )
         self.predict_fn = make_predict_fn(self.model)
+        self.events = EventLog(None)  # run() gives the run's, once the directory exists
 
     @property
     def step(self) -> int:
@@ -347,17 +354,20 @@ class _Session:
         return iter(self.cluster.strategy.experimental_distribute_dataset(dataset))
 
     # --- The loop ----------------------------------------------------------------------------
-    def run(self, quiet: bool) -> TrainResult:
+    def run(self, quiet: bool, events: EventLog) -> TrainResult:
         """Trains to the configured length; the run directory is initialised by now."""
+        self.events = events
         if self.synchronised_batchnorms:
             log.info(
                 "BatchNorm synchronised across replicas in %d layers", self.synchronised_batchnorms
             )
         if self.restored:
             log.info("restored %s (step %d)", self.restored, self.step)
+            events.emit("restored", self.step, path=self.restored)
         if self.stage1_source:
             log.info("stage 1 weights from %s", self.stage1_source)
         self.batches = self._batches()
+        events.emit("started", self.step)
         self.reporter = Reporter(
             self.run_dir if self.cluster.is_chief else None,
             self.config.data.num_classes,
@@ -390,6 +400,7 @@ class _Session:
                 self.model, layout.exported_keras, layout.saved_model
             )
             log.info("exported %s and %s", keras_path, saved_path)
+            events.emit("exported", self.step, path=str(layout.export))
         return self._result(interrupted=False)
 
     def _train_one_step(self, stats: EpochStats) -> bool:
@@ -429,6 +440,7 @@ class _Session:
             if self.config.checkpoint.keep_best:
                 path = self.checkpoints.save_best(self.step)
                 log.info("new best validation dice %.4f: %s", validation.mean, path)
+                self.events.emit("best_saved", self.step, path=path, score=float(validation.mean))
         row = validation.as_row() if validation is not None else None
         self.reporter.end_epoch(
             epoch, self.config.train.epochs, self.step, stats, row, self._learning_rate()
@@ -438,6 +450,7 @@ class _Session:
             self.reporter.summaries.image(self.step, "val/overlay", overlay)
         self.state.epochs_done.assign(epoch + 1)
         self._save()
+        self.events.emit("epoch_end", self.step, epoch=epoch + 1)
 
     def _validate(self, epoch: int) -> ValidationResult | None:
         train = self.config.train
@@ -460,16 +473,19 @@ class _Session:
         path = self.checkpoints.save(self.step)
         self.last_saved = self.step
         log.info("checkpoint saved: %s", path)
+        self.events.emit("checkpoint_saved", self.step, path=path)
 
     def _stop_here(self) -> TrainResult:
         self.reporter.close_bar()
         self._save()
+        command = resume_command(self.run_dir)
         log.warning(
             "stopped at step %d (%s); resume with: %s",
             self.step,
             self.stop.signal_name or "stop requested by another worker",
-            resume_command(self.run_dir),
+            command,
         )
+        self.events.emit("stopped", self.step, signal=self.stop.signal_name, resume=command)
         return self._result(interrupted=True)
 
     def _result(self, interrupted: bool) -> TrainResult:

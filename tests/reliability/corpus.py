@@ -2,8 +2,10 @@
 
 Each :class:`BadInput` breaks one thing in a fresh :class:`Workspace` and returns the command
 line to run on it; ``test_bad_inputs.py`` runs every entry and checks the contract: exit
-status 2, a single message that contains ``expect`` (the file or key, and the problem), no
-traceback, and nothing written into a new run directory or changed in an existing one.
+status 2, the class of the error the command reported (for entries run in-process), a single
+message that names what ``names`` lists (the file, key or flag, and the offending value where
+that is the point), no traceback, and nothing written into a new run directory or changed in
+an existing one. Entries assert names, not wording: rephrasing a message breaks no entry.
 
 Categories: ``config`` (YAML syntax, unknown keys at every level, wrong types, out-of-range
 and non-finite values, wrong choices, ``--set`` overrides, missing data paths), ``dataset``
@@ -28,10 +30,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import SPEC, write_yaml
 
 from segnet.config import ExperimentConfig
-
-from .conftest import write_yaml
+from segnet.errors import ConfigError, DataError, RunDirError, UserError
+from segnet.files import FolderBusyError
 
 IMAGE = "imagesTr/case_000_0000.nii.gz"
 LABEL = "labelsTr/case_000.nii.gz"
@@ -78,13 +81,17 @@ Fault = Callable[[pytest.MonkeyPatch, Workspace], None]
 
 @dataclass(frozen=True)
 class BadInput:
-    """One malformed input and what its error message must say.
+    """One malformed input, the error it must raise and what its message must name.
 
     Attributes:
         id: the test id.
         category: ``config``, ``dataset``, ``run_dir`` or ``inference``.
         make: breaks something in the workspace; returns the command's arguments.
-        expect: substrings of the message (``{root}``, ``{run}``... name workspace paths).
+        error: the exact class of the error the CLI reports (``segnet.cli.last_error``; checked
+            for in-process entries); None where nothing is raised because the command reports
+            the inputs it could not use one line each (``segnet-predict``).
+        names: substrings of the message: files, dotted keys, flags and offending values
+            (``{root}``, ``{run}``... name workspace paths).
         program: ``train``, ``evaluate`` or ``predict``.
         existing_run: the workspace's run directory is a trained run that must stay as it is.
         forced: runs with ``--force`` and gets as far as training, which replaces the stored
@@ -98,7 +105,8 @@ class BadInput:
     id: str
     category: str
     make: Make
-    expect: tuple[str, ...]
+    error: type[Exception] | None
+    names: tuple[str, ...]
     program: str = "train"
     existing_run: bool = False
     forced: bool = False
@@ -202,7 +210,11 @@ def nnunet_v2(**changes: Any) -> Callable[[Path], None]:
 
     def apply(root: Path) -> None:
         labels = {"background": 0, "first": 1, "second": 2}
-        description = {"channel_names": {"0": "MR"}, "labels": labels, "numTraining": 4}
+        description = {
+            "channel_names": {"0": "MR"},
+            "labels": labels,
+            "numTraining": SPEC.num_cases,
+        }
         description["file_ending"] = ".nii.gz"
         (root / "dataset.json").write_text(json.dumps({**description, **changes}))
 
@@ -462,132 +474,132 @@ _DEEP = "[" * 5000 + "]" * 5000  # PyYAML's recursive composer gave up near 1000
 # ---------------------------------------------------------------------------------------------
 # fmt: off
 CONFIG = [
-    BadInput("yaml-unclosed-bracket", "config", config_text("train:\n  epochs: [1, 2\nmodel: {}\n"), ("{config}", "invalid YAML at line"), subprocess=True),
-    BadInput("yaml-tab-indentation", "config", config_text("train:\n\tepochs: 3\n"), ("{config}", "invalid YAML at line 2")),
-    BadInput("yaml-top-level-list", "config", config_text("- data\n- model\n"), ("{config}", "the top level must be a mapping")),
-    BadInput("yaml-not-utf8", "config", config_text(b"name: caf\xe9\n"), ("cannot read config file {config}",)),
-    BadInput("config-file-missing", "config", lambda ws: ["--config", str(ws.tmp / "missing.yaml")], ("config file not found", "missing.yaml")),
-    BadInput("config-is-a-directory", "config", lambda ws: ["--config", str(ws.root)], ("cannot read config file {root}",)),
-    BadInput("config-is-a-fifo", "config", fifo_config, ("cannot read config file {config}", "FIFO"), subprocess=True),
-    BadInput("config-empty", "config", config_text("# settings to come\n"), ("{config}", "the config is empty")),
-    BadInput("yaml-duplicate-key", "config", config_text("train:\n  epochs: 2\n  batch_size: 1\n  epochs: 3\n"), ("{config}", "train.epochs: key given twice (lines 2 and 4)")),
-    BadInput("yaml-deeply-nested", "config", config_text(f"name: x\ndata:\n  patch_size: {_DEEP}\n"), ("{config}", "nested too deeply at line 3")),
-    BadInput("name-parent-folder", "config", change(name=".."), ("name: '..' is the parent folder",)),
-    BadInput("name-with-nul", "config", change(name="run\x00one"), ("name: contains a control character",)),
-    BadInput("name-too-long", "config", change(name="r" * 300), ("name: is too long: 300 characters",)),
-    BadInput("unknown-top-level-key", "config", change(trian={"epochs": 2}), ("trian: unknown key (did you mean 'train'?)",)),
-    BadInput("unknown-data-key", "config", change(data={"rooot": "x"}), ("data.rooot: unknown key (did you mean 'root'?)",)),
-    BadInput("unknown-split-key", "config", change(data={"split": {"folds": 3}}), ("data.split.folds: unknown key",)),
-    BadInput("unknown-model-key", "config", change(model={"segnet": {"filterz": 8}}), ("model.segnet.filterz: unknown key (did you mean 'filters'?)",)),
-    BadInput("unknown-cascade-stage-key", "config", change(model={"unet3d_cascade": {"low": {"depht": 2}}}), ("model.unet3d_cascade.low.depht: unknown key (did you mean 'depth'?)",)),
-    BadInput("unknown-case-entry-key", "config", change(data={**_LIST_CASES, "cases": [{**_CASE, "imgs": []}]}), ("data.cases[0].imgs: unknown key",)),
-    BadInput("unknown-key-in-every-section", "config", change(**_UNKNOWN_EVERYWHERE), tuple(f"{s}.bogus: unknown key" for s in SECTIONS)),
-    BadInput("not-an-integer", "config", change(train={"epochs": "ten"}), ("train.epochs: expected an integer, got 'ten'",)),
-    BadInput("not-a-boolean", "config", change(train={"deterministic": "yes"}), ("train.deterministic: expected true/false",)),
-    BadInput("not-a-list", "config", change(data={"patch_size": 16}), ("data.patch_size: expected a list of 3 values",)),
-    BadInput("section-not-a-mapping", "config", change(model=5), ("model: expected a mapping of settings, got 5",)),
-    BadInput("list-too-short", "config", change(data={"patch_size": [16, 16]}), ("data.patch_size: expected a list of 3 values", "got 2 values")),
-    BadInput("bad-list-item", "config", change(data={"patch_size": [16, "x", 16]}), ("data.patch_size[1]: expected an integer",)),
-    BadInput("nan-learning-rate", "config", change(optimizer={"learning_rate": float("nan")}), ("optimizer.learning_rate: expected a finite number, got nan",)),
-    BadInput("infinite-clip-norm", "config", change(optimizer={"clip_norm": float("inf")}), ("optimizer.clip_norm: expected a finite number, got inf",)),
-    BadInput("float-beyond-double-range", "config", change(optimizer={"weight_decay": 10**400}), ("optimizer.weight_decay: expected a finite number",)),
-    BadInput("negative-learning-rate", "config", change(optimizer={"learning_rate": -1}), ("optimizer.learning_rate: must be positive, got -1",)),
-    BadInput("probability-above-one", "config", change(augmentation={"flip_prob": 2}), ("augmentation.flip_prob: must be a probability in [0, 1], got 2",)),
-    BadInput("zero-epochs", "config", change(train={"epochs": 0}), ("train.epochs: must be at least 1, got 0",)),
-    BadInput("fold-out-of-range", "config", change(data={"split": {"folds_file": None, "fold": 9}}), ("data.split.fold: must be in 0..4, got 9",)),
-    BadInput("train-seed-negative", "config", change(train={"seed": -1}), ("train.seed: must be in 0..4294967295, got -1",)),
-    BadInput("train-seed-too-large", "config", change(train={"seed": 2**40}), ("train.seed: must be in 0..4294967295",)),
-    BadInput("split-seed-negative", "config", change(data={"split": {"folds_file": None, "seed": -1}}), ("data.split.seed: must be in 0..4294967295, got -1",)),
-    BadInput("unknown-optimizer", "config", change(optimizer={"name": "adam"}), ("optimizer.name: must be one of 'sgd', 'adamw', got 'adam'",)),
-    BadInput("unknown-model", "config", change(model={"name": "segnett"}), ("model.name: unknown model 'segnett' (did you mean 'segnet'?)",)),
-    BadInput("bad-int-choice", "config", change(model={"unet3d": {"input_downsample": 3}}), ("model.unet3d.input_downsample: must be one of 1, 2, 4, got 3",)),
-    BadInput("patch-not-divisible", "config", change(model={"name": "unet3d", "unet3d": {"depth": 2}}, data={"patch_size": [17, 16, 16]}), ("data.patch_size: [17, 16, 16] must be divisible by 4",)),
-    BadInput("class-weights-length", "config", change(loss={"class_weights": [1.0, 2.0]}), ("loss.class_weights: needs 3 values (data.num_classes), got 2",)),
-    BadInput("set-unknown-key", "config", change("--set", "train.epohcs=3"), ("train.epohcs: unknown key (did you mean 'epochs'?)",)),
-    BadInput("set-without-equals", "config", change("--set", "trainepochs"), ("--set 'trainepochs': expected key.path=value",)),
-    BadInput("set-invalid-yaml-value", "config", change("--set", "train.epochs=[1"), ("--set train.epochs: invalid YAML at line 1",)),
-    BadInput("set-deeply-nested-value", "config", change("--set", f"data.patch_size={_DEEP}"), ("--set data.patch_size: nested too deeply",)),
-    BadInput("data-root-missing", "config", lambda ws: change(data={"root": str(ws.tmp / "no-such-dataset")})(ws), ("data.root: dataset folder not found: {tmp}/no-such-dataset",)),
-    BadInput("folds-file-missing", "config", change(data={"split": {"folds_file": "nope.json"}}), ("data.split.folds_file: not found: {root}/nope.json",)),
-    BadInput("case-list-file-missing", "config", change(data={**_LIST_CASES, "cases": [{**_CASE, "images": ["imagesTr/ghost.nii.gz"]}]}), ("data.cases[0] (case_000): file not found: {root}/imagesTr/ghost.nii.gz",)),
-    BadInput("split-val-unknown-ids", "config", change(data={"split": {"folds_file": None, "val": ["nope"]}}), ("data.split.val: case ids not in the dataset: ['nope']",)),
-    BadInput("fold-not-in-folds-file", "config", change(data={"split": {"fold": 3}}), ("data.split.fold: fold 3 is not in {root}/folds.json",)),
+    BadInput("yaml-unclosed-bracket", "config", config_text("train:\n  epochs: [1, 2\nmodel: {}\n"), ConfigError, ("{config}", "line 3"), subprocess=True),
+    BadInput("yaml-tab-indentation", "config", config_text("train:\n\tepochs: 3\n"), ConfigError, ("{config}", "line 2")),
+    BadInput("yaml-top-level-list", "config", config_text("- data\n- model\n"), ConfigError, ("{config}",)),
+    BadInput("yaml-not-utf8", "config", config_text(b"name: caf\xe9\n"), ConfigError, ("{config}",)),
+    BadInput("config-file-missing", "config", lambda ws: ["--config", str(ws.tmp / "missing.yaml")], ConfigError, ("{tmp}/missing.yaml",)),
+    BadInput("config-is-a-directory", "config", lambda ws: ["--config", str(ws.root)], ConfigError, ("{root}",)),
+    BadInput("config-is-a-fifo", "config", fifo_config, ConfigError, ("{config}",), subprocess=True),
+    BadInput("config-empty", "config", config_text("# settings to come\n"), ConfigError, ("{config}",)),
+    BadInput("yaml-duplicate-key", "config", config_text("train:\n  epochs: 2\n  batch_size: 1\n  epochs: 3\n"), ConfigError, ("{config}", "train.epochs")),
+    BadInput("yaml-deeply-nested", "config", config_text(f"name: x\ndata:\n  patch_size: {_DEEP}\n"), ConfigError, ("{config}", "line 3")),
+    BadInput("name-parent-folder", "config", change(name=".."), ConfigError, ("name:", "'..'")),
+    BadInput("name-with-nul", "config", change(name="run\x00one"), ConfigError, ("name:",)),
+    BadInput("name-too-long", "config", change(name="r" * 300), ConfigError, ("name:", "300")),
+    BadInput("unknown-top-level-key", "config", change(trian={"epochs": 2}), ConfigError, ("trian:", "'train'")),
+    BadInput("unknown-data-key", "config", change(data={"rooot": "x"}), ConfigError, ("data.rooot", "'root'")),
+    BadInput("unknown-split-key", "config", change(data={"split": {"folds": 3}}), ConfigError, ("data.split.folds",)),
+    BadInput("unknown-model-key", "config", change(model={"segnet": {"filterz": 8}}), ConfigError, ("model.segnet.filterz", "'filters'")),
+    BadInput("unknown-cascade-stage-key", "config", change(model={"unet3d_cascade": {"low": {"depht": 2}}}), ConfigError, ("model.unet3d_cascade.low.depht", "'depth'")),
+    BadInput("unknown-case-entry-key", "config", change(data={**_LIST_CASES, "cases": [{**_CASE, "imgs": []}]}), ConfigError, ("data.cases[0].imgs",)),
+    BadInput("unknown-key-in-every-section", "config", change(**_UNKNOWN_EVERYWHERE), ConfigError, tuple(f"{s}.bogus" for s in SECTIONS)),
+    BadInput("not-an-integer", "config", change(train={"epochs": "ten"}), ConfigError, ("train.epochs", "'ten'")),
+    BadInput("not-a-boolean", "config", change(train={"deterministic": "yes"}), ConfigError, ("train.deterministic", "'yes'")),
+    BadInput("not-a-list", "config", change(data={"patch_size": 16}), ConfigError, ("data.patch_size",)),
+    BadInput("section-not-a-mapping", "config", change(model=5), ConfigError, ("model:",)),
+    BadInput("list-too-short", "config", change(data={"patch_size": [16, 16]}), ConfigError, ("data.patch_size",)),
+    BadInput("bad-list-item", "config", change(data={"patch_size": [16, "x", 16]}), ConfigError, ("data.patch_size[1]",)),
+    BadInput("nan-learning-rate", "config", change(optimizer={"learning_rate": float("nan")}), ConfigError, ("optimizer.learning_rate", "nan")),
+    BadInput("infinite-clip-norm", "config", change(optimizer={"clip_norm": float("inf")}), ConfigError, ("optimizer.clip_norm", "inf")),
+    BadInput("float-beyond-double-range", "config", change(optimizer={"weight_decay": 10**400}), ConfigError, ("optimizer.weight_decay",)),
+    BadInput("negative-learning-rate", "config", change(optimizer={"learning_rate": -1}), ConfigError, ("optimizer.learning_rate", "-1")),
+    BadInput("probability-above-one", "config", change(augmentation={"flip_prob": 2}), ConfigError, ("augmentation.flip_prob",)),
+    BadInput("zero-epochs", "config", change(train={"epochs": 0}), ConfigError, ("train.epochs",)),
+    BadInput("fold-out-of-range", "config", change(data={"split": {"folds_file": None, "fold": 9}}), ConfigError, ("data.split.fold",)),
+    BadInput("train-seed-negative", "config", change(train={"seed": -1}), ConfigError, ("train.seed",)),
+    BadInput("train-seed-too-large", "config", change(train={"seed": 2**40}), ConfigError, ("train.seed",)),
+    BadInput("split-seed-negative", "config", change(data={"split": {"folds_file": None, "seed": -1}}), ConfigError, ("data.split.seed",)),
+    BadInput("unknown-optimizer", "config", change(optimizer={"name": "adam"}), ConfigError, ("optimizer.name", "'adam'")),
+    BadInput("unknown-model", "config", change(model={"name": "segnett"}), ConfigError, ("model.name", "'segnett'", "'segnet'")),
+    BadInput("bad-int-choice", "config", change(model={"unet3d": {"input_downsample": 3}}), ConfigError, ("model.unet3d.input_downsample",)),
+    BadInput("patch-not-divisible", "config", change(model={"name": "unet3d", "unet3d": {"depth": 2}}, data={"patch_size": [17, 16, 16]}), ConfigError, ("data.patch_size",)),
+    BadInput("class-weights-length", "config", change(loss={"class_weights": [1.0, 2.0]}), ConfigError, ("loss.class_weights", "data.num_classes")),
+    BadInput("set-unknown-key", "config", change("--set", "train.epohcs=3"), ConfigError, ("train.epohcs", "'epochs'")),
+    BadInput("set-without-equals", "config", change("--set", "trainepochs"), ConfigError, ("--set", "trainepochs")),
+    BadInput("set-invalid-yaml-value", "config", change("--set", "train.epochs=[1"), ConfigError, ("--set train.epochs",)),
+    BadInput("set-deeply-nested-value", "config", change("--set", f"data.patch_size={_DEEP}"), ConfigError, ("--set data.patch_size",)),
+    BadInput("data-root-missing", "config", lambda ws: change(data={"root": str(ws.tmp / "no-such-dataset")})(ws), DataError, ("data.root", "{tmp}/no-such-dataset")),
+    BadInput("folds-file-missing", "config", change(data={"split": {"folds_file": "nope.json"}}), DataError, ("data.split.folds_file", "{root}/nope.json")),
+    BadInput("case-list-file-missing", "config", change(data={**_LIST_CASES, "cases": [{**_CASE, "images": ["imagesTr/ghost.nii.gz"]}]}), DataError, ("data.cases[0]", "{root}/imagesTr/ghost.nii.gz")),
+    BadInput("split-val-unknown-ids", "config", change(data={"split": {"folds_file": None, "val": ["nope"]}}), DataError, ("data.split.val", "'nope'")),
+    BadInput("fold-not-in-folds-file", "config", change(data={"split": {"fold": 7}}), DataError, ("data.split.fold", "{root}/folds.json")),
 ]
 
 DATASET = [
-    BadInput("label-truncated", "dataset", dataset(truncate(LABEL)), ("{root}/" + LABEL, "truncated"), subprocess=True),
-    BadInput("image-truncated", "dataset", dataset(truncate(IMAGE)), ("{root}/" + IMAGE, "truncated")),
-    BadInput("image-not-nifti", "dataset", dataset(replace_bytes(IMAGE, b"just text\n")), ("{root}/" + IMAGE, "not a readable NIfTI file")),
-    BadInput("label-gzip-of-garbage", "dataset", dataset(replace_bytes(LABEL, gzip.compress(b"garbage" * 99))), ("{root}/" + LABEL, "not a readable NIfTI file")),
-    BadInput("label-empty-file", "dataset", dataset(replace_bytes(LABEL, b"")), ("{root}/" + LABEL,)),
-    BadInput("label-is-a-directory", "dataset", dataset(_label_as_directory), ("label file not found: {root}/" + LABEL,)),
-    BadInput("image-2d", "dataset", dataset(rewrite(IMAGE, lambda a: a[:, :, 9])), ("{root}/" + IMAGE, "expected a 3D volume")),
-    BadInput("label-4d", "dataset", dataset(rewrite(LABEL, lambda a: np.stack([a, a], -1))), ("{root}/" + LABEL, "expected a 3D volume")),
-    BadInput("image-two-channels", "dataset", dataset(rewrite(IMAGE, lambda a: np.stack([a, a], -1))), ("case_000: 2 image channels", "data.num_channels is 1")),
-    BadInput("label-shape-mismatch", "dataset", dataset(rewrite(LABEL, lambda a: a[:, :, :-1])), ("{root}/" + LABEL, "shape (17, 18, 18) differs from")),
-    BadInput("label-affine-mismatch", "dataset", dataset(rewrite(LABEL, lambda a: a, affine_shift=2.0)), ("{root}/" + LABEL, "affine differs")),
-    BadInput("image-nan-voxels", "dataset", dataset(rewrite(IMAGE, lambda a: np.where(a > a.mean(), np.nan, a))), ("{root}/" + IMAGE, "voxels are NaN or infinite")),
-    BadInput("image-inf-voxel", "dataset", dataset(rewrite(IMAGE, lambda a: np.where(a == a.max(), np.inf, a))), ("{root}/" + IMAGE, "1 voxels are NaN or infinite")),
-    BadInput("label-nan-voxels", "dataset", dataset(rewrite(LABEL, lambda a: np.where(a == 1, np.nan, a).astype(np.float32))), ("{root}/" + LABEL, "label voxels are NaN or infinite")),
-    BadInput("label-fractional", "dataset", dataset(rewrite(LABEL, lambda a: np.where(a == 1, 0.5, a).astype(np.float32))), ("{root}/" + LABEL, "non-integer label values, e.g. [0.5]")),
-    BadInput("label-beyond-num-classes", "dataset", dataset(rewrite(LABEL, lambda a: np.where(a == 1, 7, a).astype(np.uint8))), ("{root}/" + LABEL, "label values [7] outside 0..2")),
-    BadInput("label-negative", "dataset", dataset(rewrite(LABEL, lambda a: np.where(a == 1, -1, a.astype(np.int16)))), ("{root}/" + LABEL, "label values [-1] outside 0..2")),
-    BadInput("channel-file-missing", "dataset", dataset(folders(), data={"format": "folders", "num_channels": 2}), ("{root}/imagesTr: case 'case_000' is missing channel files ['case_000_0001']",)),
-    BadInput("channel-file-extra", "dataset", dataset(folders(lambda r: shutil.copy(r / IMAGE, r / "imagesTr/case_000_0001.nii.gz"))), ("case 'case_000' has channel files [1] beyond data.num_channels=1",)),
-    BadInput("label-file-missing", "dataset", dataset(folders(lambda r: (r / LABEL).unlink())), ("{root}/labelsTr: no label file for case 'case_000'",)),
-    BadInput("label-without-image", "dataset", dataset(folders(lambda r: shutil.copy(r / LABEL, r / "labelsTr/orphan.nii.gz"))), ("{root}/labelsTr/orphan: label without image files",)),
-    BadInput("image-without-channel-suffix", "dataset", dataset(folders(lambda r: shutil.copy(r / IMAGE, r / "imagesTr/case_009.nii.gz"))), ("{root}/imagesTr/case_009.nii.gz: image name lacks the channel suffix _0000",)),
-    BadInput("empty-folders", "dataset", dataset(folders(_empty_folders)), ("{root}: no train cases found",)),
-    BadInput("empty-dataset-root", "dataset", dataset(_wipe), ("{root}/imagesTr: folder not found",)),
-    BadInput("duplicate-case-ids", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("training", 1), d["training"][0]))), ("case id 'case_000' appears 2 times",)),
-    BadInput("nnunet-v2-region-labels", "dataset", dataset(nnunet_v2(labels={"background": 0, "whole": [1, 2], "core": 2}, regions_class_order=[1, 2])), ("{root}/dataset.json", "region"), subprocess=True),
-    BadInput("nnunet-v2-file-ending-mha", "dataset", dataset(nnunet_v2(file_ending=".mha")), ("{root}/dataset.json", "file_ending", ".mha")),
-    BadInput("dataset-json-missing-label", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("training", 0, "label"), "./labelsTr/gone.nii.gz"))), ("dataset.json training[0]: label file not found: {root}/labelsTr/gone.nii.gz",)),
-    BadInput("dataset-json-missing-image", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("training", 2, "image"), "./imagesTr/gone.nii.gz"))), ("dataset.json training[2]: image file not found: {root}/imagesTr/gone.nii.gz",)),
-    BadInput("dataset-json-invalid", "dataset", dataset(replace_bytes("dataset.json", b'{"training": [')), ("{root}/dataset.json: not valid JSON",)),
-    BadInput("dataset-json-not-an-object", "dataset", dataset(replace_bytes("dataset.json", b"[1, 2]")), ("{root}/dataset.json: expected a JSON object",)),
-    BadInput("dataset-json-label-count", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("labels", "3"), "extra"))), ("{root}/dataset.json: defines 4 labels", "data.num_classes is 3")),
-    BadInput("folds-json-malformed", "dataset", dataset(replace_bytes("folds.json", b'{"fold": []}')), ('{root}/folds.json: expected {{"folds": {{"0": [case ids], ...}}}}',)),
-    BadInput("folds-json-unknown-ids", "dataset", dataset(edit_json("folds.json", lambda d: _set_item(d, ("folds", "1", 0), "case_999"))), ("{root}/folds.json: 1 case ids not in the dataset: ['case_999']",)),
-    BadInput("image-rgb", "dataset", dataset(rewrite(IMAGE, _rgb)), ("{root}/" + IMAGE, "holds RGB voxels", "single-channel scalar volume")),
-    BadInput("image-complex", "dataset", dataset(rewrite(IMAGE, lambda a: a.astype(np.complex64))), ("{root}/" + IMAGE, "complex-valued voxels", "magnitude (abs)")),
-    BadInput("folds-json-case-in-two-folds", "dataset", dataset(edit_json("folds.json", lambda d: _set_item(d, ("folds", "1"), [*d["folds"]["1"], d["folds"]["0"][0]]))), ("{root}/folds.json: 1 case ids are in more than one fold", "(folds 0, 1)")),
-    BadInput("volume-smaller-than-patch", "dataset", dataset(lambda r: None, data={"patch_size": [32, 32, 32], "pad_small_volumes": False}), ("shape (17, 18, 19) is smaller than data.patch_size (32, 32, 32)",)),
+    BadInput("label-truncated", "dataset", dataset(truncate(LABEL)), DataError, ("{root}/" + LABEL,), subprocess=True),
+    BadInput("image-truncated", "dataset", dataset(truncate(IMAGE)), DataError, ("{root}/" + IMAGE,)),
+    BadInput("image-not-nifti", "dataset", dataset(replace_bytes(IMAGE, b"just text\n")), DataError, ("{root}/" + IMAGE,)),
+    BadInput("label-gzip-of-garbage", "dataset", dataset(replace_bytes(LABEL, gzip.compress(b"garbage" * 99))), DataError, ("{root}/" + LABEL,)),
+    BadInput("label-empty-file", "dataset", dataset(replace_bytes(LABEL, b"")), DataError, ("{root}/" + LABEL,)),
+    BadInput("label-is-a-directory", "dataset", dataset(_label_as_directory), DataError, ("{root}/" + LABEL,)),
+    BadInput("image-2d", "dataset", dataset(rewrite(IMAGE, lambda a: a[:, :, 9])), DataError, ("{root}/" + IMAGE,)),
+    BadInput("label-4d", "dataset", dataset(rewrite(LABEL, lambda a: np.stack([a, a], -1))), DataError, ("{root}/" + LABEL,)),
+    BadInput("image-two-channels", "dataset", dataset(rewrite(IMAGE, lambda a: np.stack([a, a], -1))), DataError, ("case_000", "data.num_channels")),
+    BadInput("label-shape-mismatch", "dataset", dataset(rewrite(LABEL, lambda a: a[:, :, :-1])), DataError, ("{root}/" + LABEL, "(17, 18, 18)")),
+    BadInput("label-affine-mismatch", "dataset", dataset(rewrite(LABEL, lambda a: a, affine_shift=2.0)), DataError, ("{root}/" + LABEL,)),
+    BadInput("image-nan-voxels", "dataset", dataset(rewrite(IMAGE, lambda a: np.where(a > a.mean(), np.nan, a))), DataError, ("{root}/" + IMAGE,)),
+    BadInput("image-inf-voxel", "dataset", dataset(rewrite(IMAGE, lambda a: np.where(a == a.max(), np.inf, a))), DataError, ("{root}/" + IMAGE,)),
+    BadInput("label-nan-voxels", "dataset", dataset(rewrite(LABEL, lambda a: np.where(a == 1, np.nan, a).astype(np.float32))), DataError, ("{root}/" + LABEL,)),
+    BadInput("label-fractional", "dataset", dataset(rewrite(LABEL, lambda a: np.where(a == 1, 0.5, a).astype(np.float32))), DataError, ("{root}/" + LABEL, "[0.5]")),
+    BadInput("label-beyond-num-classes", "dataset", dataset(rewrite(LABEL, lambda a: np.where(a == 1, 7, a).astype(np.uint8))), DataError, ("{root}/" + LABEL, "[7]")),
+    BadInput("label-negative", "dataset", dataset(rewrite(LABEL, lambda a: np.where(a == 1, -1, a.astype(np.int16)))), DataError, ("{root}/" + LABEL, "[-1]")),
+    BadInput("channel-file-missing", "dataset", dataset(folders(), data={"format": "folders", "num_channels": 2}), DataError, ("{root}/imagesTr", "case_000_0001")),
+    BadInput("channel-file-extra", "dataset", dataset(folders(lambda r: shutil.copy(r / IMAGE, r / "imagesTr/case_000_0001.nii.gz"))), DataError, ("{root}/imagesTr", "case_000", "data.num_channels")),
+    BadInput("label-file-missing", "dataset", dataset(folders(lambda r: (r / LABEL).unlink())), DataError, ("{root}/labelsTr", "case_000")),
+    BadInput("label-without-image", "dataset", dataset(folders(lambda r: shutil.copy(r / LABEL, r / "labelsTr/orphan.nii.gz"))), DataError, ("{root}/labelsTr/orphan",)),
+    BadInput("image-without-channel-suffix", "dataset", dataset(folders(lambda r: shutil.copy(r / IMAGE, r / "imagesTr/case_009.nii.gz"))), DataError, ("{root}/imagesTr/case_009.nii.gz", "_0000")),
+    BadInput("empty-folders", "dataset", dataset(folders(_empty_folders)), DataError, ("{root}",)),
+    BadInput("empty-dataset-root", "dataset", dataset(_wipe), DataError, ("{root}/imagesTr",)),
+    BadInput("duplicate-case-ids", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("training", 1), d["training"][0]))), DataError, ("{root}", "case_000")),
+    BadInput("nnunet-v2-region-labels", "dataset", dataset(nnunet_v2(labels={"background": 0, "whole": [1, 2], "core": 2}, regions_class_order=[1, 2])), DataError, ("{root}/dataset.json", "'labels'", "'whole'"), subprocess=True),
+    BadInput("nnunet-v2-file-ending-mha", "dataset", dataset(nnunet_v2(file_ending=".mha")), DataError, ("{root}/dataset.json", "'file_ending'", ".mha")),
+    BadInput("dataset-json-missing-label", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("training", 0, "label"), "./labelsTr/gone.nii.gz"))), DataError, ("dataset.json training[0]", "{root}/labelsTr/gone.nii.gz")),
+    BadInput("dataset-json-missing-image", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("training", 2, "image"), "./imagesTr/gone.nii.gz"))), DataError, ("dataset.json training[2]", "{root}/imagesTr/gone.nii.gz")),
+    BadInput("dataset-json-invalid", "dataset", dataset(replace_bytes("dataset.json", b'{"training": [')), DataError, ("{root}/dataset.json",)),
+    BadInput("dataset-json-not-an-object", "dataset", dataset(replace_bytes("dataset.json", b"[1, 2]")), DataError, ("{root}/dataset.json",)),
+    BadInput("dataset-json-label-count", "dataset", dataset(edit_json("dataset.json", lambda d: _set_item(d, ("labels", "3"), "extra"))), DataError, ("{root}/dataset.json", "'labels'", "data.num_classes")),
+    BadInput("folds-json-malformed", "dataset", dataset(replace_bytes("folds.json", b'{"fold": []}')), DataError, ("{root}/folds.json",)),
+    BadInput("folds-json-unknown-ids", "dataset", dataset(edit_json("folds.json", lambda d: _set_item(d, ("folds", "1", 0), "case_999"))), DataError, ("{root}/folds.json", "'case_999'")),
+    BadInput("image-rgb", "dataset", dataset(rewrite(IMAGE, _rgb)), DataError, ("{root}/" + IMAGE,)),
+    BadInput("image-complex", "dataset", dataset(rewrite(IMAGE, lambda a: a.astype(np.complex64))), DataError, ("{root}/" + IMAGE,)),
+    BadInput("folds-json-case-in-two-folds", "dataset", dataset(edit_json("folds.json", lambda d: _set_item(d, ("folds", "1"), [*d["folds"]["1"], d["folds"]["0"][0]]))), DataError, ("{root}/folds.json", "case_002")),
+    BadInput("volume-smaller-than-patch", "dataset", dataset(lambda r: None, data={"patch_size": [32, 32, 32], "pad_small_volumes": False}), DataError, ("{root}/" + IMAGE, "data.patch_size")),
 ]
 
 RUN_DIR = [
-    BadInput("run-dir-is-a-file", "run_dir", run_dir_at(lambda ws: _file_at(ws.tmp / "run-file")), ("--run-dir {tmp}/run-file is a file, not a directory",)),
-    BadInput("run-dir-under-a-file", "run_dir", run_dir_at(lambda ws: _file_at(ws.tmp / "plain-file") / "run"), ("--run-dir {tmp}/plain-file/run: {tmp}/plain-file is a file, not a directory",), subprocess=True),
-    BadInput("run-dir-in-proc", "run_dir", run_dir_at(lambda ws: Path("/proc/segnet-reliability/run")), ("/proc/segnet-reliability/run",)),
-    BadInput("run-dir-holds-users-files", "run_dir", run_dir_at(_users_folder), ("--run-dir {tmp}/my-results: not a segnet run directory", "metrics.csv"), subprocess=True),
-    BadInput("run-dir-in-use", "run_dir", existing(lambda ws: None), ("--run-dir {run}: another training process",), existing_run=True, fault=_run_dir_held_by_another_process),
-    BadInput("different-experiment", "run_dir", existing(lambda ws: None, train={"seed": 5}), ("{run}/config.yaml holds a different experiment (train.seed: 0 -> 5)", "--force"), existing_run=True),
-    BadInput("config-not-a-segnet-config", "run_dir", existing(lambda ws: (ws.run / "config.yaml").write_text("- a list\n")), ("{run}/config.yaml is not a readable segnet config",), existing_run=True),
-    BadInput("every-checkpoint-unreadable", "run_dir", existing(_truncate_checkpoints), ("{run}/checkpoints: no checkpoint can be read",), existing_run=True),
-    BadInput("checkpoint-of-another-model", "run_dir", existing(lambda ws: None, "--force", model={"segnet": {"filters": 8}}), ("does not fit this model",), existing_run=True),
-    BadInput("float16-checkpoint-on-a-cpu", "run_dir", existing(_trained_in_float16_under_auto), ("{run}/checkpoints was trained in mixed_float16 on a GPU", "resume this run on a GPU"), existing_run=True),
-    BadInput("precision-across-the-float16-line", "run_dir", existing(lambda ws: None, "--force", runtime={"precision": "mixed_float16"}), ("{run}/checkpoints was trained in float32 or mixed_bfloat16", "set runtime.precision back to auto"), existing_run=True),
-    BadInput("disk-full-writing-config", "run_dir", change(), ("{run}: no space left on the device",), fault=_full_disk_in_run_dir),
-    BadInput("disk-full-in-checkpoint-shards", "run_dir", existing(lambda ws: None, "--force", train={"epochs": 2}), ("{run}/checkpoints: no space left on the device",), existing_run=True, forced=True, fault=_full_disk_in_shards),
-    BadInput("disk-full-in-checkpoint-merge", "run_dir", existing(lambda ws: None, "--force", train={"epochs": 2}), ("{run}/checkpoints: no space left on the device",), existing_run=True, forced=True, fault=_full_disk_in_merge),
+    BadInput("run-dir-is-a-file", "run_dir", run_dir_at(lambda ws: _file_at(ws.tmp / "run-file")), RunDirError, ("--run-dir {tmp}/run-file",)),
+    BadInput("run-dir-under-a-file", "run_dir", run_dir_at(lambda ws: _file_at(ws.tmp / "plain-file") / "run"), RunDirError, ("--run-dir {tmp}/plain-file/run",), subprocess=True),
+    BadInput("run-dir-in-proc", "run_dir", run_dir_at(lambda ws: Path("/proc/segnet-reliability/run")), RunDirError, ("/proc/segnet-reliability/run",)),
+    BadInput("run-dir-holds-users-files", "run_dir", run_dir_at(_users_folder), RunDirError, ("--run-dir {tmp}/my-results", "metrics.csv"), subprocess=True),
+    BadInput("run-dir-in-use", "run_dir", existing(lambda ws: None), FolderBusyError, ("--run-dir {run}",), existing_run=True, fault=_run_dir_held_by_another_process),
+    BadInput("different-experiment", "run_dir", existing(lambda ws: None, train={"seed": 5}), RunDirError, ("{run}/config.yaml", "train.seed", "--force"), existing_run=True),
+    BadInput("config-not-a-segnet-config", "run_dir", existing(lambda ws: (ws.run / "config.yaml").write_text("- a list\n")), RunDirError, ("{run}/config.yaml",), existing_run=True),
+    BadInput("every-checkpoint-unreadable", "run_dir", existing(_truncate_checkpoints), RunDirError, ("{run}/checkpoints",), existing_run=True),
+    BadInput("checkpoint-of-another-model", "run_dir", existing(lambda ws: None, "--force", model={"segnet": {"filters": 8}}), RunDirError, ("{run}/checkpoints/ckpt-",), existing_run=True),
+    BadInput("float16-checkpoint-on-a-cpu", "run_dir", existing(_trained_in_float16_under_auto), RunDirError, ("{run}/checkpoints", "mixed_float16"), existing_run=True),
+    BadInput("precision-across-the-float16-line", "run_dir", existing(lambda ws: None, "--force", runtime={"precision": "mixed_float16"}), RunDirError, ("{run}/checkpoints", "runtime.precision"), existing_run=True),
+    BadInput("disk-full-writing-config", "run_dir", change(), RunDirError, ("{run}",), fault=_full_disk_in_run_dir),
+    BadInput("disk-full-in-checkpoint-shards", "run_dir", existing(lambda ws: None, "--force", train={"epochs": 2}), RunDirError, ("{run}/checkpoints",), existing_run=True, forced=True, fault=_full_disk_in_shards),
+    BadInput("disk-full-in-checkpoint-merge", "run_dir", existing(lambda ws: None, "--force", train={"epochs": 2}), RunDirError, ("{run}/checkpoints",), existing_run=True, forced=True, fault=_full_disk_in_merge),
 ]
 
 INFERENCE = [
-    BadInput("evaluate-run-missing", "inference", evaluate(run=lambda ws: ws.tmp / "no-run"), ("--run {tmp}/no-run: run directory not found",), program="evaluate"),
-    BadInput("evaluate-not-a-run", "inference", evaluate(run=lambda ws: ws.root), ("--run {root}: not a segnet run directory",), program="evaluate"),
-    BadInput("evaluate-unknown-checkpoint", "inference", evaluate("--checkpoint", "ckpt-999"), ("--checkpoint ckpt-999: no checkpoint there",), program="evaluate", existing_run=True, subprocess=True),
-    BadInput("evaluate-checkpoint-truncated", "inference", _evaluate_truncated_checkpoint, ("{run}/checkpoints/ckpt-", "the checkpoint is damaged", "--checkpoint"), program="evaluate", existing_run=True, subprocess=True),
-    BadInput("evaluate-set-training-key", "inference", evaluate("--set", "train.epochs=3"), ("--set train.epochs: cannot change after training",), program="evaluate", existing_run=True),
-    BadInput("evaluate-data-truncated-label", "inference", _evaluate_on_truncated_labels, ("{root}/" + LABEL, "truncated"), program="evaluate", existing_run=True),
-    BadInput("predict-input-missing", "inference", predict(lambda ws: ws.tmp / "absent.nii.gz"), ("{tmp}/absent.nii.gz: not found",), program="predict", existing_run=True),
-    BadInput("predict-input-not-nifti", "inference", predict(_not_nifti), ("{tmp}/inputs/scan.nii.gz", "not a readable NIfTI file"), program="predict", existing_run=True, subprocess=True),
-    BadInput("predict-input-2d", "inference", predict(lambda ws: _scan(ws, np.zeros((17, 18), np.float32))), ("{tmp}/inputs/scan.nii.gz", "expected a 3D volume"), program="predict", existing_run=True),
-    BadInput("predict-input-nan", "inference", predict(_nan_scan), ("scan.nii.gz: 1 voxels are NaN or infinite",), program="predict", existing_run=True),
-    BadInput("predict-output-would-replace-an-input", "inference", predict(_scan_pair_in_output), ("--output {out}", "{out}/scan.nii.gz is an input scan"), program="predict", existing_run=True, subprocess=True),
-    BadInput("predict-rgb-beside-a-good-scan", "inference", predict(_rgb_beside_a_good_scan, lambda ws: ws.tmp / "predictions"), ("skipped case 'photo'", "{tmp}/inputs/photo.nii.gz: holds RGB voxels"), program="predict", existing_run=True),
-    BadInput("evaluate-data-label-beyond-classes", "inference", _evaluate_on_labels_beyond_the_classes, ("{root}/" + LABEL, "label values [3] outside 0..2", "the model predicts classes 0..2", "--set data.skip_bad_cases=true"), program="evaluate", existing_run=True),
-    BadInput("predict-output-is-a-file", "inference", predict(_scan, lambda ws: _file_at(ws.tmp / "out-file")), ("--output {tmp}/out-file: is a file, not a folder",), program="predict", existing_run=True),
-    BadInput("predict-output-under-a-file", "inference", predict(_scan, lambda ws: _file_at(ws.tmp / "out-file") / "out"), ("--output {tmp}/out-file/out: cannot create the folder",), program="predict", existing_run=True),
+    BadInput("evaluate-run-missing", "inference", evaluate(run=lambda ws: ws.tmp / "no-run"), RunDirError, ("--run {tmp}/no-run",), program="evaluate"),
+    BadInput("evaluate-not-a-run", "inference", evaluate(run=lambda ws: ws.root), RunDirError, ("--run {root}",), program="evaluate"),
+    BadInput("evaluate-unknown-checkpoint", "inference", evaluate("--checkpoint", "ckpt-999"), RunDirError, ("--checkpoint ckpt-999",), program="evaluate", existing_run=True, subprocess=True),
+    BadInput("evaluate-checkpoint-truncated", "inference", _evaluate_truncated_checkpoint, RunDirError, ("{run}/checkpoints/ckpt-", "--checkpoint"), program="evaluate", existing_run=True, subprocess=True),
+    BadInput("evaluate-set-training-key", "inference", evaluate("--set", "train.epochs=3"), ConfigError, ("--set train.epochs",), program="evaluate", existing_run=True),
+    BadInput("evaluate-data-truncated-label", "inference", _evaluate_on_truncated_labels, DataError, ("{root}/" + LABEL,), program="evaluate", existing_run=True),
+    BadInput("predict-input-missing", "inference", predict(lambda ws: ws.tmp / "absent.nii.gz"), None, ("{tmp}/absent.nii.gz",), program="predict", existing_run=True),
+    BadInput("predict-input-not-nifti", "inference", predict(_not_nifti), None, ("{tmp}/inputs/scan.nii.gz",), program="predict", existing_run=True, subprocess=True),
+    BadInput("predict-input-2d", "inference", predict(lambda ws: _scan(ws, np.zeros((17, 18), np.float32))), None, ("{tmp}/inputs/scan.nii.gz",), program="predict", existing_run=True),
+    BadInput("predict-input-nan", "inference", predict(_nan_scan), None, ("scan.nii.gz",), program="predict", existing_run=True),
+    BadInput("predict-output-would-replace-an-input", "inference", predict(_scan_pair_in_output), UserError, ("--output {out}", "{out}/scan.nii.gz"), program="predict", existing_run=True, subprocess=True),
+    BadInput("predict-rgb-beside-a-good-scan", "inference", predict(_rgb_beside_a_good_scan, lambda ws: ws.tmp / "predictions"), None, ("{tmp}/inputs/photo.nii.gz",), program="predict", existing_run=True),
+    BadInput("evaluate-data-label-beyond-classes", "inference", _evaluate_on_labels_beyond_the_classes, DataError, ("{root}/" + LABEL, "[3]", "data.skip_bad_cases"), program="evaluate", existing_run=True),
+    BadInput("predict-output-is-a-file", "inference", predict(_scan, lambda ws: _file_at(ws.tmp / "out-file")), UserError, ("--output {tmp}/out-file",), program="predict", existing_run=True),
+    BadInput("predict-output-under-a-file", "inference", predict(_scan, lambda ws: _file_at(ws.tmp / "out-file") / "out"), UserError, ("--output {tmp}/out-file/out",), program="predict", existing_run=True),
 ]
 # fmt: on
 

@@ -1,5 +1,6 @@
-"""Every entry of the bad-input corpus: exit 2, one message naming what is wrong, no traceback,
-and nothing written into a new run directory or changed in an existing one.
+"""Every entry of the bad-input corpus: exit 2, the error class, one message naming the file,
+key or flag, no traceback, and nothing written into a new run directory or changed in an
+existing one.
 
 Most entries run in-process through ``segnet.cli.*_main`` (seconds instead of a TensorFlow
 import each); those marked ``subprocess`` run ``scripts/<program>.py`` for real, to prove the
@@ -21,11 +22,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, child_env, crash_experiment, snapshot
 
+from segnet import cli
 from segnet.cli import evaluate_main, predict_main, train_main
 from segnet.config import build_config
 
-from .conftest import REPO, child_env, experiment, snapshot
 from .corpus import CATEGORIES, CORPUS, BadInput, Workspace
 from .test_crash_resume import SCHEDULE
 
@@ -38,7 +40,7 @@ NATIVE_LOG = re.compile(r"^(WARNING: All log messages before absl|[IWE]\d{4} [\d
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
+def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_root: Path) -> Path:
     """A finished tiny run (1 epoch of 2 steps, validated, exported), trained once per worker.
 
     Not deterministic: op determinism is process-wide and would outlive this fixture.
@@ -46,8 +48,8 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path
     from segnet.training.trainer import train
 
     tmp = tmp_path_factory.mktemp("trained")
-    data = experiment(
-        dataset, tmp / "cache", train={"epochs": 1, "steps_per_epoch": 2, "deterministic": False}
+    data = crash_experiment(
+        tiny_root, tmp / "cache", train={"epochs": 1, "steps_per_epoch": 2, "deterministic": False}
     )
     train(build_config(data), run_dir=tmp / "run", quiet=True)
     return tmp / "run"
@@ -63,11 +65,11 @@ def _restore_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
-def _workspace(tmp_path: Path, dataset: Path, trained: Path | None) -> Workspace:
+def _workspace(tmp_path: Path, tiny_root: Path, trained: Path | None) -> Workspace:
     root = tmp_path / "dataset"
-    shutil.copytree(dataset, root)
+    shutil.copytree(tiny_root, root)
     if trained is None:
-        data = experiment(root, tmp_path / "cache", train={"deterministic": False})
+        data = crash_experiment(root, tmp_path / "cache", train={"deterministic": False})
         return Workspace(tmp_path, root, data, tmp_path / "run", tmp_path / "out")
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -76,9 +78,10 @@ def _workspace(tmp_path: Path, dataset: Path, trained: Path | None) -> Workspace
 
 
 def _untracked(entry: BadInput) -> re.Pattern[str]:
-    """Files a failed command may still change: logs always; the config under --force."""
+    """Files a failed command may still change: the logs and events.jsonl always; the config
+    under --force."""
     config = r"|config\.yaml|config\.before-.*\.yaml" if entry.forced else ""
-    return re.compile(rf"train\.log|logs/.*{config}")
+    return re.compile(rf"train\.log|events\.jsonl|logs/.*{config}")
 
 
 def _contents(files: dict[str, tuple]) -> dict[str, tuple]:
@@ -132,13 +135,13 @@ def _params() -> list:
 def test_bad_input_gives_exit_2_one_message_and_changes_nothing(
     entry: BadInput,
     tmp_path: Path,
-    dataset: Path,
+    tiny_root: Path,
     request: pytest.FixtureRequest,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     trained = request.getfixturevalue("trained_run") if entry.existing_run else None
-    ws = _workspace(tmp_path, dataset, trained)
+    ws = _workspace(tmp_path, tiny_root, trained)
     argv = [str(a) for a in entry.make(ws)]
     skip = _untracked(entry).fullmatch
     before = _contents(snapshot(ws.run, skip)), snapshot(ws.out)
@@ -146,9 +149,12 @@ def test_bad_input_gives_exit_2_one_message_and_changes_nothing(
         entry.fault(monkeypatch, ws)
     status, stderr = _run(entry, argv, capsys)
     assert status == 2, stderr
+    if not entry.subprocess:  # a child's exception stays in the child
+        raised = type(cli.last_error) if cli.last_error is not None else None
+        assert raised is entry.error, f"{cli.last_error!r}\n{stderr}"
     message = _message(entry.program, stderr)
-    for expected in entry.expect:
-        assert expected.format(**ws.fields()) in message, message
+    for name in entry.names:
+        assert name.format(**ws.fields()) in message, message
     after = _contents(snapshot(ws.run, skip)), snapshot(ws.out)
     assert not _changes(before, after), f"changed by the failed command: {_changes(before, after)}"
 

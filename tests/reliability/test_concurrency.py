@@ -13,10 +13,9 @@ import signal
 from pathlib import Path
 
 import pytest
-
-from .conftest import (
+from helpers import (
     TRAIN_SCRIPT,
-    experiment,
+    crash_experiment,
     finish,
     read_text,
     saved_steps,
@@ -29,16 +28,15 @@ from .conftest import (
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 
-def test_a_second_training_on_a_busy_run_directory_is_refused(tmp_path: Path, dataset: Path):
-    config = write_yaml(tmp_path / "x.yaml", experiment(dataset, tmp_path / "cache"))
+def test_a_second_training_on_a_busy_run_directory_is_refused(tmp_path: Path, tiny_root: Path):
+    config = write_yaml(tmp_path / "x.yaml", crash_experiment(tiny_root, tmp_path / "cache"))
     run_dir = tmp_path / "run"
     args = [str(TRAIN_SCRIPT), "--config", str(config), "--run-dir", str(run_dir), "--quiet"]
     first_out, second_out = tmp_path / "first.txt", tmp_path / "second.txt"
     first = start(args, first_out)
-    log = run_dir / "train.log"
     # The first holds the run once it has saved a checkpoint. It is paused there (SIGSTOP keeps
     # its lock), so the second meets it mid-run however slowly the second starts.
-    assert wait_until(first, lambda: bool(saved_steps(read_text(log))), 0.01), tail(first_out)
+    assert wait_until(first, lambda: bool(saved_steps(run_dir)), 0.01), tail(first_out)
     os.kill(first.pid, signal.SIGSTOP)
     try:
         second = start(args, second_out)
@@ -52,5 +50,5 @@ def test_a_second_training_on_a_busy_run_directory_is_refused(tmp_path: Path, da
     with open(run_dir / "metrics.csv", encoding="utf-8") as handle:
         epochs = [row["epoch"] for row in csv.DictReader(handle)]
     assert epochs == sorted(set(epochs)) and len(epochs) == 3, epochs
-    steps = saved_steps(read_text(log))
+    steps = saved_steps(run_dir)
     assert steps == sorted(set(steps)), steps  # no checkpoint written twice

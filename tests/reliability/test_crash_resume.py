@@ -7,7 +7,8 @@ six places inside a checkpoint save); four are chosen by this process, at seeded
 (start-up, two mid-training moments) or as soon as the final export's temporary file appears.
 After every kill the next run must start from the last checkpoint that was complete (never
 earlier than the last one the trainer reported saved), and the final checkpoint must equal an
-uninterrupted reference run's, tensor for tensor (CPU, op determinism).
+uninterrupted reference run's, tensor for tensor (CPU, op determinism). This process follows
+each child through the run's ``events.jsonl`` (checkpoint saved, restored, started), not its log.
 
 The fault hook: this module doubles as the child's entry point. ``python -m
 reliability.test_crash_resume ARGS`` runs ``segnet-train ARGS`` (``segnet.cli.train_main``)
@@ -22,6 +23,7 @@ from __future__ import annotations
 import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
 
 # isort: split
+import csv
 import functools
 import os
 import random
@@ -35,16 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from .conftest import (
-    PIPELINE_STARTED,
+from helpers import (
     TRAIN_SCRIPT,
     assert_same_tensors,
     checkpoint_tensors,
-    experiment,
+    crash_experiment,
+    events_size,
     finish,
+    newest_checkpoint,
     read_text,
     restored_step,
+    run_events,
     saved_steps,
     start,
     tail,
@@ -67,11 +70,11 @@ class Kill:
     Attributes:
         point: what the child is doing when it dies (RELIABILITY.md lists these).
         hook: ``<point>:<step>`` for the fault hook, or "" when this process kills the child.
-        after: this process waits for train.log to report ``ckpt-<after>`` saved (None: waits
-            from the child's start) ...
+        after: this process waits for events.jsonl to report ``ckpt-<after>`` saved (None:
+            waits from the child's start) ...
         delay: ... then a seeded random delay in this range, in seconds ...
-        until: ... but no later than train.log reporting ``ckpt-<until>`` (0: the start of
-            training), so that every later point of the schedule is still ahead.
+        until: ... but no later than events.jsonl reporting ``ckpt-<until>`` saved (0: training
+            started), so that every later point of the schedule is still ahead.
         export: ... or until the final export's temporary file appears.
         resumes_at: the step the next run must restore (hook kills know it exactly); None:
             the last reported checkpoint or the one after it (a save may have been under way).
@@ -123,9 +126,8 @@ class Chain:
         self.tmp = tmp_path
         self.run_dir = tmp_path / "run"
         self.config = write_yaml(
-            tmp_path / "chain.yaml", experiment(dataset, tmp_path / "chain-cache")
+            tmp_path / "chain.yaml", crash_experiment(dataset, tmp_path / "chain-cache")
         )
-        self.log = self.run_dir / "train.log"
         self.mark = tmp_path / "killed-at.txt"
         self.children = 0
 
@@ -143,7 +145,7 @@ class Chain:
         if kill.hook:
             return
         if kill.after is not None:
-            wait_until(proc, lambda: kill.after in saved_steps(read_text(self.log)))
+            wait_until(proc, lambda: kill.after in saved_steps(self.run_dir))
         if kill.export:
             export_dir = self.run_dir / "export"
             wait_until(
@@ -160,15 +162,13 @@ class Chain:
     def _reached(self, until: int | None) -> bool:
         if until is None:
             return False
-        text = read_text(self.log)
-        return PIPELINE_STARTED in text if until == 0 else until in saved_steps(text)
+        if until == 0:
+            return bool(run_events(self.run_dir, kind="started"))
+        return until in saved_steps(self.run_dir)
 
     def last_reported(self) -> int:
         """The newest checkpoint any child reported saved (0: none)."""
-        return max(saved_steps(read_text(self.log)), default=0)
-
-    def log_size(self) -> int:
-        return self.log.stat().st_size if self.log.exists() else 0
+        return max(saved_steps(self.run_dir), default=0)
 
 
 def _expected_resume(kill: Kill, last_reported: int) -> tuple[int, int]:
@@ -179,21 +179,22 @@ def _expected_resume(kill: Kill, last_reported: int) -> tuple[int, int]:
 
 def _run_reference(tmp_path: Path, dataset: Path) -> tuple[subprocess.Popen, Path]:
     run_dir = tmp_path / "reference"
-    config = write_yaml(tmp_path / "reference.yaml", experiment(dataset, tmp_path / "ref-cache"))
+    data = crash_experiment(dataset, tmp_path / "ref-cache")
+    config = write_yaml(tmp_path / "reference.yaml", data)
     args = [str(TRAIN_SCRIPT), "--config", str(config), "--run-dir", str(run_dir)]
     return start(args, tmp_path / "reference.txt"), run_dir
 
 
-def test_twelve_kills_lose_nothing_and_end_bit_identical(tmp_path: Path, dataset: Path) -> None:
-    reference, reference_dir = _run_reference(tmp_path, dataset)  # runs alongside the chain
-    chain = Chain(tmp_path, dataset)
+def test_twelve_kills_lose_nothing_and_end_bit_identical(tmp_path: Path, tiny_root: Path) -> None:
+    reference, reference_dir = _run_reference(tmp_path, tiny_root)  # runs alongside the chain
+    chain = Chain(tmp_path, tiny_root)
     moments = kill_moments()
     print(f"kill schedule (seed {SEED}):")
     for kill, delay in zip(SCHEDULE, moments):
         print(f"  {kill.point}: {kill.hook or 'parent'}, random delay {delay:.3f} s")
     expected = (0, 0)  # the steps the next run may restore
     for index, (kill, delay) in enumerate(zip(SCHEDULE, moments), start=1):
-        offset = chain.log_size()
+        offset = events_size(chain.run_dir)
         proc, output = chain.spawn(kill.hook)
         chain.kill_when_due(proc, kill, delay)
         status = finish(proc)
@@ -209,23 +210,26 @@ def test_twelve_kills_lose_nothing_and_end_bit_identical(tmp_path: Path, dataset
         expected = _expected_resume(kill, last)
         assert expected[0] >= last, f"kill {index}: resuming before reported ckpt-{last}"
         print(f"kill {index} survived ({kill.point}); last reported ckpt-{last}")
-    offset = chain.log_size()
+    offset = events_size(chain.run_dir)
     proc, output = chain.spawn("")
     assert finish(proc) == 0, tail(output)
     assert _check_restore(chain, offset, expected, len(SCHEDULE) + 1, output)
     assert (chain.run_dir / "export" / "saved_model").is_dir()
     assert (chain.run_dir / "export" / "model.keras").is_file()
     assert finish(reference) == 0, tail(tmp_path / "reference.txt")
-    final = checkpoint_tensors(chain.run_dir)
+    final = checkpoint_tensors(newest_checkpoint(chain.run_dir))
     assert int(final["step/.ATTRIBUTES/VARIABLE_VALUE"]) == FINAL_STEP
-    assert_same_tensors(final, checkpoint_tensors(reference_dir))
+    assert_same_tensors(final, checkpoint_tensors(newest_checkpoint(reference_dir)))
+    with open(chain.run_dir / "metrics.csv", encoding="utf-8") as handle:
+        epochs = [row["epoch"] for row in csv.DictReader(handle)]
+    assert epochs == ["1", "2", "3"], "an epoch resumed after a kill wrote its row twice"
 
 
 def _check_restore(
     chain: Chain, offset: int, expected: tuple[int, int], index: int, output: Path
 ) -> bool:
     """Checks the step the child that just ended restored; False if it was killed before."""
-    started = restored_step(read_text(chain.log, offset))
+    started = restored_step(chain.run_dir, offset)
     if started is not None:
         low, high = expected
         assert low <= started <= high, (

@@ -15,21 +15,23 @@ from __future__ import annotations
 import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
 
 # isort: split
+import csv
 import re
 import shlex
 import signal
 from pathlib import Path
 
 import pytest
-
-from .conftest import (
+from helpers import (
     TRAIN_SCRIPT,
-    assert_same_tensors,
-    checkpoint_tensors,
-    experiment,
+    assert_same_checkpoints,
+    crash_experiment,
+    events_size,
     finish,
+    newest_checkpoint,
     read_text,
     restored_step,
+    run_events,
     saved_steps,
     start,
     tail,
@@ -41,11 +43,10 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 STEPS_PER_EPOCH = 5
 EPOCHS = 3
-STOPPED = re.compile(r"stopped at step (\d+) \((SIG\w+)\); resume with: (.+)$", re.MULTILINE)
 
 
 def _config(tmp_path: Path, dataset: Path, name: str) -> Path:
-    data = experiment(dataset, tmp_path / f"{name}-cache", checkpoint={"every_steps": 0})
+    data = crash_experiment(dataset, tmp_path / f"{name}-cache", checkpoint={"every_steps": 0})
     assert data["train"]["epochs"] == EPOCHS
     assert data["train"]["steps_per_epoch"] == STEPS_PER_EPOCH
     return write_yaml(tmp_path / f"{name}.yaml", data)
@@ -66,23 +67,23 @@ def _stop_during_epoch(
     saved, so that it arrives during the next epoch's steps.
 
     Returns:
-        The step the run restored, the step it stopped at, and its resume command.
+        The step the run restored, the step it stopped at, and its resume command (from the
+        ``stopped`` event; the command must also be on the child's stderr).
     """
-    log = run_dir / "train.log"
-    offset = log.stat().st_size if log.exists() else 0
+    offset = events_size(run_dir)
     proc = start(args, output)
     saved = epoch * STEPS_PER_EPOCH
-    assert wait_until(proc, lambda: saved in saved_steps(read_text(log, offset)), 0.01), tail(
-        output
-    )
+    assert wait_until(proc, lambda: saved in saved_steps(run_dir, offset), 0.01), tail(output)
     proc.send_signal(signum)
     assert finish(proc) == 0, tail(output)
     text = read_text(output)
     assert "Traceback" not in text, tail(output)
-    assert f"{signum.name} received" in text, tail(output)
-    match = STOPPED.search(text)
-    assert match and match.group(2) == signum.name, tail(output)
-    return restored_step(read_text(log, offset)) or 0, int(match.group(1)), match.group(3)
+    stopped = run_events(run_dir, offset, "stopped")
+    assert [e["signal"] for e in stopped] == [signum.name], tail(output)
+    command = stopped[0]["resume"]
+    # Both on stderr: the signal's arrival, and the stop with the command that resumes.
+    assert text.count(signum.name) >= 2 and command in text, tail(output)
+    return restored_step(run_dir, offset) or 0, stopped[0]["step"], command
 
 
 def _argv(command: str) -> list[str]:
@@ -93,16 +94,16 @@ def _argv(command: str) -> list[str]:
 
 
 def test_sigterm_and_sigint_save_exit_0_and_resume_where_they_stopped(
-    tmp_path: Path, dataset: Path
+    tmp_path: Path, tiny_root: Path
 ) -> None:
     reference_dir = tmp_path / "reference"
-    reference_args = ["--config", str(_config(tmp_path, dataset, "reference"))]
+    reference_args = ["--config", str(_config(tmp_path, tiny_root, "reference"))]
     reference = start(
         [str(TRAIN_SCRIPT), *reference_args, "--run-dir", str(reference_dir)],
         tmp_path / "reference.txt",
     )
     run_dir = tmp_path / "run"
-    config = _config(tmp_path, dataset, "run")
+    config = _config(tmp_path, tiny_root, "run")
     first = [str(TRAIN_SCRIPT), "--config", str(config), "--run-dir", str(run_dir)]
     hint = f"python {TRAIN_SCRIPT} --config {run_dir / 'config.yaml'} --run-dir {run_dir}"
 
@@ -121,11 +122,13 @@ def test_sigterm_and_sigint_save_exit_0_and_resume_where_they_stopped(
     assert 2 * STEPS_PER_EPOCH <= int_step <= EPOCHS * STEPS_PER_EPOCH
     assert _latest_checkpoint(run_dir) == f"ckpt-{int_step}"
 
-    offset = (run_dir / "train.log").stat().st_size
+    offset = events_size(run_dir)
     last = start(_argv(command), tmp_path / "final.txt")
     assert finish(last) == 0, tail(tmp_path / "final.txt")
-    assert restored_step(read_text(run_dir / "train.log", offset)) == int_step
+    assert restored_step(run_dir, offset) == int_step
     assert _latest_checkpoint(run_dir) == f"ckpt-{EPOCHS * STEPS_PER_EPOCH}"
     assert (run_dir / "export" / "saved_model").is_dir()
     assert finish(reference) == 0, tail(tmp_path / "reference.txt")
-    assert_same_tensors(checkpoint_tensors(run_dir), checkpoint_tensors(reference_dir))
+    assert_same_checkpoints(newest_checkpoint(run_dir), newest_checkpoint(reference_dir))
+    with open(run_dir / "metrics.csv", encoding="utf-8") as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2", "3"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from training_helpers import experiment, subprocess_env
+from helpers import child_env, experiment
 
 from segnet.config import build_config
 from segnet.errors import ConfigError
@@ -130,7 +130,7 @@ def test_mirrored_over_two_cpus_matches_one_device(tiny_root: Path, tmp_path: Pa
         capture_output=True,
         text=True,
         timeout=300,
-        env=subprocess_env(),
+        env=child_env(),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -184,7 +184,7 @@ def test_two_workers_end_with_identical_weights(tiny_root: Path, tmp_path: Path)
                     str(run_dir),
                     f"{tmp_path}/w{index}",
                 ],
-                env=subprocess_env(TF_CONFIG=json.dumps(tf_config)),
+                env=child_env(TF_CONFIG=json.dumps(tf_config)),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

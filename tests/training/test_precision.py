@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from training_helpers import tiny_config
+from helpers import tiny_config
 
 from segnet.errors import RunDirError
 from segnet.run_dir import stored_config

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from training_helpers import experiment, write_yaml
+from helpers import experiment, write_yaml
 
 from segnet.cli import train_main
 from segnet.config import build_config
