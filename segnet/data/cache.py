@@ -43,7 +43,7 @@ import numpy as np
 
 from segnet.config import ExperimentConfig
 from segnet.console import progress_bar
-from segnet.data.case import PreprocessedCase
+from segnet.data.case import PreprocessedCase, load_array, open_npz
 from segnet.data.datasets import CaseFiles
 from segnet.data.preprocessing import (
     DatasetFingerprint,
@@ -180,7 +180,7 @@ def _reading(path: Path) -> Iterator[None]:
 
 def _check_array(path: Path, shape: tuple[int, ...], dtype: type) -> None:
     with _reading(path):
-        array = np.load(path, mmap_mode="r")  # reads the header, checks the size: no data
+        array = load_array(path)  # reads the header, checks the size: no data
         if array.shape != shape or array.dtype != dtype:
             raise ValueError(
                 f"holds {array.dtype} {array.shape}, expected {np.dtype(dtype)} {shape}"
@@ -188,7 +188,7 @@ def _check_array(path: Path, shape: tuple[int, ...], dtype: type) -> None:
 
 
 def _check_foreground(path: Path) -> None:
-    with _reading(path), np.load(path) as data:
+    with _reading(path), open_npz(path) as data:
         for name in data.files:  # reading each member checks its CRC; they are small
             if data[name].ndim != 2 or data[name].shape[1] != 3:
                 raise ValueError(f"{name} has shape {data[name].shape}, expected (n, 3)")

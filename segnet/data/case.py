@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+# numpy parses every .npy header with ast.literal_eval. On CPython 3.11.7 (and other releases
+# before the fix of gh-106905), parsing in two threads at once can raise "SystemError: AST
+# constructor recursion depth mismatch"; the cache and the tf.data readers load in threads, so
+# every load goes through this lock. Header parsing is microseconds; memory-mapped loads read
+# nothing else, and the few full loads are small.
+_NUMPY_LOAD = threading.Lock()
+
+
+def load_array(path: Path, mmap: bool = True) -> np.ndarray:
+    """``np.load`` of one ``.npy`` file (memory-mapped by default), safe to call from threads."""
+    with _NUMPY_LOAD:
+        return np.load(path, mmap_mode="r" if mmap else None)
+
+
+@contextlib.contextmanager
+def open_npz(path: Path) -> Iterator[Any]:
+    """``np.load`` of an ``.npz`` file, its members read inside the block; safe from threads."""
+    with _NUMPY_LOAD, np.load(path) as data:
+        yield data
 
 
 @dataclass(frozen=True)
@@ -29,15 +53,15 @@ class PreprocessedCase:
     shape: tuple[int, int, int]
 
     def load_image(self, mmap: bool = True) -> np.ndarray:
-        return np.load(self.image_path, mmap_mode="r" if mmap else None)
+        return load_array(self.image_path, mmap)
 
     def load_label(self, mmap: bool = True) -> np.ndarray | None:
         if self.label_path is None:
             return None
-        return np.load(self.label_path, mmap_mode="r" if mmap else None)
+        return load_array(self.label_path, mmap)
 
     def load_foreground(self) -> dict[int, np.ndarray]:
         if self.foreground_path is None:
             return {}
-        with np.load(self.foreground_path) as data:
+        with open_npz(self.foreground_path) as data:
             return {int(k.split("_")[1]): data[k] for k in data.files}
