@@ -11,11 +11,12 @@ than its wording.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -81,9 +82,29 @@ def _run(
     argv: Sequence[str] | None,
 ) -> int:
     args = parser.parse_args(argv)
-    _setup_logging(args.quiet, args.debug)
-    with native_log_filter(enabled=not args.debug):
-        return _report_user_errors(prog, body, args)
+    with _logging_restored():
+        _setup_logging(args.quiet, args.debug)
+        with native_log_filter(enabled=not args.debug):
+            return _report_user_errors(prog, body, args)
+
+
+@contextlib.contextmanager
+def _logging_restored() -> Iterator[None]:
+    """A command called in-process (a test, a notebook) leaves logging as it found it: its
+    handlers write to the stderr of the moment, which may be gone after the call."""
+    root = logging.getLogger()
+    names = ("absl", "tensorflow", "keras")
+    saved = list(root.handlers), root.level, [logging.getLogger(n).level for n in names]
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        for name, level in zip(names, saved[2]):
+            logging.getLogger(name).setLevel(level)
 
 
 def _report_user_errors(

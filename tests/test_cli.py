@@ -162,3 +162,15 @@ def test_the_reported_error_is_kept_until_the_next_command(
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def test_a_command_called_in_process_leaves_logging_as_it_found_it(tmp_path, capsys):
+    import logging
+
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    (tmp_path / "c.yaml").write_text("data: {num_classes: 3}\nmodel: {name: segnet}\n")
+    assert train_main(["--config", str(tmp_path / "c.yaml"), "--print-config"]) == 0
+    # Its handler wrote to this test's captured stderr, closed after the test: kept, it would
+    # make the next caller's logging fail.
+    assert (list(root.handlers), root.level) == before
