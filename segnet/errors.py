@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+
+def shortened(items: Sequence[str], limit: int, sep: str = ", ") -> str:
+    """The first ``limit`` items joined by ``sep``, then how many more there are: messages name
+    a few examples, not two hundred case ids."""
+    more = len(items) - limit
+    tail = f"{'; ' if sep.startswith(';') else ' '}and {more} more" if more > 0 else ""
+    return sep.join(items[:limit]) + tail
+
 
 class UserError(Exception):
     """A problem with the user's input (config, data, flags, run directory).

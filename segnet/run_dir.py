@@ -44,7 +44,7 @@ from segnet.config import (
     config_to_yaml,
     read_yaml,
 )
-from segnet.errors import ConfigError, RunDirError
+from segnet.errors import ConfigError, RunDirError, shortened
 from segnet.files import TEMPORARY_PREFIX, FolderLock, atomic_write_text, describe_write_error
 
 CONFIG_NAME = "config.yaml"
@@ -249,7 +249,7 @@ def check_run_dir(run_dir: Path, config: ExperimentConfig, force: bool = False) 
     if config.train.epochs > old.train.epochs:  # continuing a run for longer
         diffs = [d for d in diffs if not d.startswith("train.epochs:")]
     if diffs and not force:
-        shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+        shown = shortened(diffs, 5, "; ")
         raise RunDirError(
             f"{RunLayout(run_dir).config} holds a different experiment ({shown}); "
             "use another --run-dir, or --force to continue this run with the "
@@ -271,9 +271,7 @@ def check_ownership(run_dir: Path) -> None:
         return  # a run from before the marker: stored_config() checks that it is one
     foreign = sorted(p.name for p in run_dir.iterdir() if not _PARTIAL_MARKER.fullmatch(p.name))
     if foreign:
-        shown = ", ".join(foreign[:3]) + (
-            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        )
+        shown = shortened(foreign, 3)
         raise RunDirError(
             f"--run-dir {run_dir}: not a segnet run directory (no {MARKER_NAME}) and not empty "
             f"({shown}); segnet never writes into a folder it did not create: choose a new "

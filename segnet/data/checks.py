@@ -26,7 +26,7 @@ from segnet.data.volumes import (
     read_multichannel,
     read_volume,
 )
-from segnet.errors import DataError
+from segnet.errors import DataError, shortened
 
 log = logging.getLogger("segnet")
 _MAX_THREADS = 4  # decompression releases the GIL; more threads than this only add memory
@@ -106,24 +106,19 @@ class CheckedCases:
             warnings.append(
                 f"all-background label (class 0 only) in {len(background)} of the "
                 f"{_cases(len(training))} trained on, which teach background alone: "
-                f"{_listing(background)}"
+                f"{shortened(background, _LISTED)}"
             )
         blank = [i for i, c in self.contents.items() if c.blank_image and c.classes - {0}]
         if blank:
             warnings.append(
                 f"all-zero image (every channel 0) but foreground in the label in "
-                f"{_cases(len(blank))}; check their image files: {_listing(blank)}"
+                f"{_cases(len(blank))}; check their image files: {shortened(blank, _LISTED)}"
             )
         return warnings
 
 
 def _cases(n: int) -> str:
     return f"{n} case" if n == 1 else f"{n} cases"
-
-
-def _listing(case_ids: Sequence[str]) -> str:
-    more = len(case_ids) - _LISTED
-    return ", ".join(case_ids[:_LISTED]) + (f" and {more} more" if more > 0 else "")
 
 
 def _data(config: ExperimentConfig | DataConfig) -> DataConfig:

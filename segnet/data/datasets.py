@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 
 from segnet.config import DataConfig, SplitConfig
-from segnet.errors import DataError
+from segnet.errors import DataError, shortened
 
 log = logging.getLogger("segnet")
 Subset = Literal["train", "test"]
@@ -759,10 +759,9 @@ def _cases_in_several_folds(path: Path, folds: dict[str, list[str]]) -> list[str
     shared = {case_id: names for case_id, names in homes.items() if len(names) > 1}
     if not shared:
         return []
-    listing = ", ".join(f"{c} (folds {', '.join(n)})" for c, n in list(shared.items())[:10])
-    more = f" and {len(shared) - 10} more" if len(shared) > 10 else ""
+    listing = shortened([f"{c} (folds {', '.join(n)})" for c, n in shared.items()], 10)
     return [
-        f"{path}: {len(shared)} case ids are in more than one fold: {listing}{more}; each case "
+        f"{path}: {len(shared)} case ids are in more than one fold: {listing}; each case "
         "must be in exactly one fold, else a held-out case is also trained on"
     ]
 

@@ -52,7 +52,7 @@ from segnet.console import progress_bar
 from segnet.data.datasets import CaseFiles
 from segnet.data.preprocessing import DatasetFingerprint, preprocess, restore_to_original
 from segnet.data.volumes import Geometry, header_description, read_channels, write_volume
-from segnet.errors import DataError, UserError
+from segnet.errors import DataError, UserError, shortened
 from segnet.files import ensure_writable_dir
 from segnet.inference import loading
 from segnet.inference.postprocessing import keep_largest_component
@@ -329,9 +329,7 @@ def check_outputs(
             elif path.exists() and not (header_description(path) or "").startswith("segnet"):
                 clashes.append(f"{path} exists and was not written by segnet")
     if clashes:
-        shown = "; ".join(clashes[:5]) + (
-            f"; and {len(clashes) - 5} more" if len(clashes) > 5 else ""
-        )
+        shown = shortened(clashes, 5, "; ")
         raise UserError(
             f"--output {output_dir}: writing the predictions would replace files that are not "
             f"segnet's ({shown}); nothing was written: choose another --output folder"
