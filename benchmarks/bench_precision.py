@@ -33,7 +33,7 @@ import tensorflow as tf
 from segnet import _tf_env
 from segnet.config import load_config
 from segnet.planning.timing import random_batch, step_for  # the planner times the same step
-from segnet.training.precision import choose_precision, read_cpu_flags
+from segnet.precision import choose_precision, read_cpu_flags
 
 PRECISIONS = ("float32", "mixed_bfloat16")
 WARMUP = 3

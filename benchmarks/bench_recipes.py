@@ -40,7 +40,7 @@ from bench_precision import cpu_flags, random_batch, step_for, time_interleaved
 from segnet import _tf_env
 from segnet.config import build_config, read_yaml
 from segnet.errors import ConfigError
-from segnet.training.precision import choose_precision
+from segnet.precision import choose_precision
 
 BASELINE = "baseline"
 

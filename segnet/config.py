@@ -557,6 +557,9 @@ class EvaluationConfig:
     weighting: Literal["gaussian", "constant"] = "gaussian"  # sigma = window * sigma_scale
     sigma_scale: float = 0.125
     batch_size: int = 2  # windows per forward pass
+    # The models' convolutions: auto = bfloat16 where the hardware runs it natively (AMX or
+    # AVX512-BF16 CPUs, compute capability 8+ GPUs), else float32; softmax and metrics: float32
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
     mirror_axes: tuple[int, ...] = ()  # test-time mirroring over these spatial axes
     accumulate_on_cpu: bool = False  # bound accelerator memory on very large volumes
     keep_largest_component: bool = False  # per class post-processing
@@ -582,7 +585,7 @@ class EvaluationConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
-    # auto: mixed precision only where the hardware runs it natively (training/precision.py)
+    # auto: mixed precision only where the hardware runs it natively (segnet/precision.py)
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16", "auto"] = "float32"
     jit_compile: bool = False  # XLA: slower for 3D convolutions on CPU, often faster on GPU
     sync_batchnorm: bool = False  # synchronise BatchNorm statistics across replicas

@@ -325,6 +325,7 @@ def evaluate_predictor(
             class_names=class_names,
         )
         document.update(provenance or {})
+        document["inference_precision"] = predictor.precision  # what auto resolved to here
         report.write_per_case_csv(staging / "per_case.csv", per_case)
         report.write_json(staging / "metrics.json", document)  # last: the folder is complete
         _swap_in(staging, out_dir)

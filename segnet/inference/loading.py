@@ -13,9 +13,10 @@ Several runs (``--run A B``, or a folder holding run directories) form an ensemb
 :func:`load_runs` loads them and refuses runs that disagree on what shapes the model's input
 and output (:func:`check_ensemble`).
 
-Weights are restored into a model built from the run's stored ``config.yaml`` under the
-process's Keras dtype policy (float32 unless the caller set another): the stored variables are
-float32 whatever ``runtime.precision`` trained them. A run trained with ``train.ema_decay``
+Weights are restored into a model built from the run's stored ``config.yaml`` in the Keras
+dtype policy asked for (``evaluation.precision`` resolved by the caller; float32 by default):
+the stored variables are float32 whatever ``runtime.precision`` trained them, so any run
+predicts in either precision. A run trained with ``train.ema_decay``
 gives its averaged weights, the ones its validation scored and its export holds.
 """
 
@@ -41,6 +42,7 @@ from segnet.config import ExperimentConfig, build_config, config_to_dict
 from segnet.data.preprocessing import DatasetFingerprint
 from segnet.errors import ConfigError, RunDirError, UserError
 from segnet.models.registry import build_model
+from segnet.precision import precision_policy
 from segnet.run_dir import (
     CONFIG_NAME,
     FINGERPRINT_NAME,
@@ -378,14 +380,17 @@ def _from_path(run_dir: Path, spec: str) -> CheckpointRef:
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
-def load_model(config: ExperimentConfig, ref: CheckpointRef) -> keras.Model:
-    """The model of ``config`` with the weights of ``ref``.
+def load_model(
+    config: ExperimentConfig, ref: CheckpointRef, policy: str = "float32"
+) -> keras.Model:
+    """The model of ``config`` with the weights of ``ref``, computing in the dtype ``policy``.
 
     Raises:
         RunDirError: the checkpoint cannot be read or does not fit the model in the config.
     """
     if ref.is_keras_file:
-        return _load_keras_file(config, ref.path)
+        model = _load_keras_file(config, ref.path)
+        return model if policy == "float32" else _rebuilt(config, model, policy, ref.path)
     damage = verify_checkpoint(ref.path)  # a truncated data file would fail deep in restore
     if damage is not None:
         raise RunDirError(
@@ -393,7 +398,8 @@ def load_model(config: ExperimentConfig, ref: CheckpointRef) -> keras.Model:
             "--checkpoint (latest, best, or a path under checkpoints/), or resume training to "
             "write a new one"
         )
-    model = build_model(config)
+    with precision_policy(policy):
+        model = build_model(config)
     averaged = config.train.averages_weights
     checkpoint = tf.train.Checkpoint(**model_objects(model, averaged=averaged))
     try:
@@ -407,6 +413,20 @@ def load_model(config: ExperimentConfig, ref: CheckpointRef) -> keras.Model:
         ) from None
     log.info("loaded %s%s", ref.path, " (averaged weights, train.ema_decay)" if averaged else "")
     return model
+
+
+def _rebuilt(config: ExperimentConfig, model: keras.Model, policy: str, path: str) -> keras.Model:
+    """``model``'s weights in the config's model built under ``policy`` (an export is float32)."""
+    with precision_policy(policy):
+        rebuilt = build_model(config)
+    try:
+        rebuilt.set_weights(model.get_weights())
+    except ValueError as exc:
+        raise RunDirError(
+            f"{path}: the Keras model does not match the run's {CONFIG_NAME} "
+            f"({first_line(exc)}); predict with --set evaluation.precision=float32"
+        ) from None
+    return rebuilt
 
 
 def _load_keras_file(config: ExperimentConfig, path: str) -> keras.Model:

@@ -61,6 +61,7 @@ from segnet.inference.sliding_window import (
     make_predict_fn,
     probabilities_to_labels,
 )
+from segnet.precision import choose_inference_precision
 
 log = logging.getLogger("segnet")
 _NIFTI = re.compile(r"^(?P<stem>[^.].*?)\.nii(\.gz)?$")  # hidden files are temporaries
@@ -102,6 +103,8 @@ class Predictor:
         largest_component_classes: the classes that keep only their largest connected
             component, as a cross-validation chose them; None follows
             ``evaluation.keep_largest_component``.
+        precision: the Keras dtype policy the models compute in (``evaluation.precision``
+            resolved on this machine); the softmax and everything after it are float32.
     """
 
     config: ExperimentConfig
@@ -109,6 +112,7 @@ class Predictor:
     predict_fn: Callable[[Any], Any] | tuple[Callable[[Any], Any], ...]
     spatial_dims: int = 3
     largest_component_classes: tuple[int, ...] | None = None
+    precision: str = "float32"
 
     def segment(
         self, image: np.ndarray, geometry: Geometry, keep_probabilities: bool = False
@@ -167,20 +171,34 @@ def load_ensemble(
 ) -> Predictor:
     """The predictor averaging the softmaxes of ``refs[i]`` of ``runs[i]`` (one run: its model).
 
-    Preprocessing and sliding-window settings are the first run's; ``loading.check_ensemble``
-    makes sure every model takes that input. ``largest_component_classes``, a
-    cross-validation's choice (``loading.chosen_postprocessing``), replaces
-    ``evaluation.keep_largest_component``.
+    Preprocessing, sliding-window settings and ``evaluation.precision`` are the first run's;
+    ``loading.check_ensemble`` makes sure every model takes that input.
+    ``largest_component_classes``, a cross-validation's choice
+    (``loading.chosen_postprocessing``), replaces ``evaluation.keep_largest_component``.
     """
+    config = runs[0].config
+    precision = choose_inference_precision(config.evaluation.precision)
+    if precision.warning:
+        log.warning("%s", precision.warning)
+    log.info("inference precision: %s (%s)", _precision_word(precision.name), precision.reason)
     predict_fns = tuple(
-        make_predict_fn(loading.load_model(run.config, ref))
+        make_predict_fn(loading.load_model(run.config, ref, precision.name))
         for run, ref in zip(runs, refs, strict=True)
     )
-    config = runs[0].config
     predict_fn = predict_fns[0] if len(predict_fns) == 1 else predict_fns
     return Predictor(
-        config, runs[0].fingerprint, predict_fn, config.spatial_dims, largest_component_classes
+        config,
+        runs[0].fingerprint,
+        predict_fn,
+        config.spatial_dims,
+        largest_component_classes,
+        _precision_word(precision.name),
     )
+
+
+def _precision_word(policy: str) -> str:
+    """``mixed_bfloat16`` -> ``bfloat16``: what the convolutions compute in."""
+    return policy.removeprefix("mixed_")
 
 
 def log_postprocessing(choice: tuple[tuple[int, ...], Path] | None) -> tuple[int, ...] | None:

@@ -9,10 +9,12 @@ importance at the end. Where one window covers a voxel the result is that window
 several do, it is their importance-weighted mean.
 
 Speed: the forward pass (model, mirroring, softmax, weighting) is one ``tf.function`` with the
-fixed input signature ``(batch_size, *window, channels)``. It is cached per (predict_fns, window,
+input signature ``(None, *window, channels)``. It is cached per (predict_fns, window,
 channels, classes, batch size, mirror axes, spatial dims), so evaluating many cases of any size
-traces the model once; the last partial batch is padded instead of retraced. The cache keeps the
-last few predict_fns (and so their models) alive; pass the same callable for every case.
+traces the model once; a volume's last batch holds only its real windows, run under the same
+trace (zero-filled rows would cost a one-window volume ``batch_size`` forward passes). The cache
+keeps the last few predict_fns (and so their models) alive; pass the same callable for every
+case.
 
 Memory: the input (padded only when smaller than the window), an accumulator of
 (depth, height, width, classes) float32 on the host or the accelerator, a (depth, height, width)
@@ -161,7 +163,9 @@ def _build_forward(predict_fns: tuple[PredictFn, ...], spec: _ForwardSpec) -> Ca
         for r in range(len(spec.mirror_axes) + 1)
         for subset in itertools.combinations(spec.mirror_axes, r)
     ]
-    batch_spec = tf.TensorSpec((spec.batch_size, *spec.window, spec.channels), tf.float32)
+    # The batch axis is open: a volume's last batch runs only its real windows (a one-window
+    # volume would otherwise pay for batch_size forward passes), under the same trace.
+    batch_spec = tf.TensorSpec((None, *spec.window, spec.channels), tf.float32)
 
     @tf.function(input_signature=(batch_spec, tf.TensorSpec(spec.window, tf.float32)))
     def forward(batch: tf.Tensor, importance: tf.Tensor) -> tf.Tensor:
@@ -196,7 +200,7 @@ def _logits(predict_fn: PredictFn, batch: tf.Tensor, spec: _ForwardSpec) -> tf.T
             "full-resolution logits alone, e.g. predict_fn=lambda x: model(x)[0]"
         )
     logits = tf.cast(outputs, tf.float32)
-    expected = (spec.batch_size, *spec.window[3 - spec.spatial_dims :], spec.num_classes)
+    expected = (None, *spec.window[3 - spec.spatial_dims :], spec.num_classes)
     if not logits.shape.is_compatible_with(expected):
         raise ValueError(
             f"predict_fn returned logits of shape {tuple(logits.shape)}, expected {expected} "
@@ -412,17 +416,16 @@ def _window_batches(
     batch_size: int,
     progress: Progress | None,
 ) -> Iterator[tuple[np.ndarray, Sequence[Position]]]:
-    """Yields ``(batch (batch_size, *window, channels), starts of its first len(starts) rows)``.
+    """Yields ``(batch (len(starts), *window, channels), starts)``, ``batch_size`` windows at a
+    time and the rest in the last batch.
 
-    The last batch is zero-filled past its real windows, so the traced signature still fits.
     ``progress`` hears of a batch when the consumer asks for the next one (it is done by then).
     """
     for first in range(0, len(positions), batch_size):
         starts = positions[first : first + batch_size]
         # A fresh buffer per batch: TensorFlow may alias numpy memory (and copy it to a device
         # asynchronously), so refilling one buffer could change a batch still being read.
-        allocate = np.empty if len(starts) == batch_size else np.zeros
-        batch = allocate((batch_size, *window, volume.shape[-1]), np.float32)
+        batch = np.empty((len(starts), *window, volume.shape[-1]), np.float32)
         for row, start in enumerate(starts):
             batch[row] = volume[_region(start, window)]
         yield batch, starts

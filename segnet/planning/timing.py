@@ -24,8 +24,8 @@ from segnet.data.pipeline import training_patch_size
 from segnet.losses import build_loss
 from segnet.models.registry import build_model
 from segnet.planning.rules import Hardware
+from segnet.precision import choose_precision, precision_policy
 from segnet.training.optimizers import build_optimizer
-from segnet.training.precision import choose_precision, precision_policy
 from segnet.training.step import make_train_step
 
 WARMUP_STEPS = 2  # tracing and oneDNN's first-call setup: not what a step costs

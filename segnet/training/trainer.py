@@ -59,6 +59,12 @@ from segnet.files import atomic_write_text
 from segnet.inference.sliding_window import make_predict_fn
 from segnet.losses import build_loss
 from segnet.models.registry import build_model
+from segnet.precision import (
+    Precision,
+    choose_precision,
+    precision_for_resume,
+    precision_policy,
+)
 from segnet.run_dir import (
     SPLIT_NAME,
     RunLayout,
@@ -82,12 +88,6 @@ from segnet.training.events import EventLog
 from segnet.training.export import export_model
 from segnet.training.held_out import ValidationResult, validate
 from segnet.training.optimizers import build_optimizer
-from segnet.training.precision import (
-    Precision,
-    choose_precision,
-    precision_for_resume,
-    precision_policy,
-)
 from segnet.training.preemption import StopRequest
 from segnet.training.progress import EpochStats, Reporter, overlay_panel
 from segnet.training.stage1 import load_stage1_weights

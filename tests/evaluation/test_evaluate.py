@@ -35,6 +35,7 @@ from segnet.errors import ConfigError, DataError, RunDirError
 from segnet.evaluation import montage
 from segnet.evaluation.evaluate import evaluate_case, evaluate_run, recover_interrupted
 from segnet.inference import loading
+from segnet.precision import choose_inference_precision
 from segnet.training.trainer import train
 
 NUM_CLASSES = 3
@@ -117,7 +118,9 @@ def run(trained_run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
-def oracle_model(config: ExperimentConfig, ref: loading.CheckpointRef) -> keras.Model:
+def oracle_model(
+    config: ExperimentConfig, ref: loading.CheckpointRef, policy: str = "float32"
+) -> keras.Model:
     def logits(batch: tf.Tensor) -> tf.Tensor:
         labels = tf.clip_by_value(tf.round(batch[..., 0]) - 1.0, 0.0, NUM_CLASSES - 1.0)
         return 20.0 * tf.one_hot(tf.cast(labels, tf.int32), NUM_CLASSES)
@@ -418,6 +421,8 @@ def test_default_is_latest_on_the_cases_that_chose_best(run: Path, oracle):
     assert stored["checkpoint_selection"].startswith("latest by default")
     assert "2 of these 2 cases chose the best checkpoint" in stored["checkpoint_selection"]
     assert stored["cases_that_chose_best"] == HELD_OUT
+    expected = choose_inference_precision("auto").name.removeprefix("mixed_")
+    assert stored["inference_precision"] == expected  # what auto resolved to on this machine
 
 
 def test_default_is_best_on_cases_that_did_not_choose_it(

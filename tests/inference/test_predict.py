@@ -16,6 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
+import keras
 import nibabel as nib
 import numpy as np
 import pytest
@@ -37,6 +38,7 @@ from segnet.inference.predict import (
 )
 from segnet.metrics import dice
 from segnet.models.registry import build_model
+from segnet.precision import precision_policy
 from segnet.run_dir import initialise_run_dir
 from segnet.training.checkpoints import Checkpoints, TrainState, build_checkpoint
 from segnet.training.optimizers import build_optimizer
@@ -512,3 +514,65 @@ def test_a_folder_of_runs_stands_for_the_runs_inside(
     assert predict_main(argv) == 0
     checkpoints = [line for line in capsys.readouterr().err.splitlines() if "wrote 1 of 1" in line]
     assert len(checkpoints) == 1 and "fold_1" in checkpoints[0] and "fold_2" in checkpoints[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference precision
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("checkpoint", ["latest", "export/model.keras"])
+def test_a_bfloat16_model_computes_in_bfloat16_and_answers_in_float32(
+    run_dir: Path, checkpoint: str
+):
+    config = loading.load_run_config(run_dir)
+    ref = loading.resolve_checkpoints(run_dir, checkpoint)[0]
+    exact = loading.load_model(config, ref)
+    fast = loading.load_model(config, ref, "mixed_bfloat16")
+    convolutions = [layer for layer in fast.layers if isinstance(layer, keras.layers.Conv3D)]
+    assert convolutions and {layer.compute_dtype for layer in convolutions[:-1]} == {"bfloat16"}
+    for mine, theirs in zip(fast.weights, exact.weights, strict=True):  # the same float32 weights
+        assert mine.dtype == "float32"
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+    batch = tf.random.stateless_normal((1, *SHAPE, 2), seed=(1, 2))
+    logits = fast(batch, training=False)
+    assert logits.dtype == tf.float32  # the head: softmax and blending stay float32
+    error = np.abs(logits.numpy() - exact(batch, training=False).numpy())
+    # This run is a SegNet: where bfloat16 rounding turns a near-tie in a pooling window into
+    # another argmax, the unpooled value moves, so only the typical voxel is close.
+    assert 0 < np.median(error) < 0.01 * np.abs(logits.numpy()).max()
+
+
+def test_a_bfloat16_unet_stays_within_bfloat16_rounding_of_float32():
+    config = build_config(
+        {
+            "data": {"num_classes": NUM_CLASSES, "patch_size": [16, 16, 16]},
+            "model": {"name": "unet3d", "unet3d": {"depth": 2, "filters": 8}},
+        }
+    )
+    exact = build_model(config)
+    with precision_policy("mixed_bfloat16"):
+        fast = build_model(config)
+    fast.set_weights(exact.get_weights())
+    batch = tf.random.stateless_normal((2, 16, 16, 16, 1), seed=(3, 4))
+    reference = exact(batch, training=False).numpy()
+    error = np.abs(fast(batch, training=False).numpy() - reference)
+    # 8 bits of mantissa: about 0.4 % per rounding, through 12 layers and two normalisations.
+    assert 0 < error.max() < 0.05 * np.abs(reference).max()
+
+
+def test_bfloat16_and_float32_predictions_of_a_run_agree_on_the_scans_grid(
+    run_dir: Path, tmp_path: Path
+):
+    inputs = write_two_channel_case(tmp_path / "in", "case").parent
+    probabilities, labels = {}, {}
+    for precision in ("float32", "bfloat16"):
+        overrides = ["evaluation.save_probabilities=true", f"evaluation.precision={precision}"]
+        output = tmp_path / precision
+        assert predict_files(run_dir, [inputs], output, overrides=overrides, quiet=True) == []
+        written = output / "case_probabilities.nii.gz"
+        probabilities[precision] = np.asarray(nib.load(str(written)).dataobj)
+        labels[precision] = np.asarray(nib.load(str(output / "case.nii.gz")).dataobj)
+        assert_same_grid(output / "case.nii.gz", inputs / "case_0000.nii.gz")
+    np.testing.assert_allclose(probabilities["bfloat16"].sum(axis=-1), 1.0, atol=1e-5)
+    difference = np.abs(probabilities["bfloat16"] - probabilities["float32"])
+    assert difference.max() > 0 and np.median(difference) < 0.01
+    assert np.mean(labels["bfloat16"] == labels["float32"]) > 0.95

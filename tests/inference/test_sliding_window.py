@@ -217,7 +217,11 @@ def test_mirroring_averages_predictions_flipped_back(axis):
             tf.range(shape[axis], dtype=tf.float32), [-1 if a == axis + 1 else 1 for a in range(5)]
         )
         return tf.concat(
-            [tf.broadcast_to(index, (*x.shape[:4], 1)), tf.zeros((*x.shape[:4], 1))], -1
+            [
+                tf.broadcast_to(index, tf.concat([tf.shape(x)[:4], [1]], 0)),
+                tf.zeros(tf.concat([tf.shape(x)[:4], [1]], 0)),
+            ],
+            -1,
         )
 
     index = np.arange(shape[axis]).reshape([-1 if a == axis else 1 for a in range(3)])
@@ -320,7 +324,27 @@ def test_model_is_traced_once_across_batches_and_volumes():
     kwargs = dict(num_classes=NUM_CLASSES, batch_size=3)
     sliding_window_inference(_volume((17, 18, 19)), counted, (8, 8, 8), **kwargs)  # 64 windows
     sliding_window_inference(_volume((10, 12, 9)), counted, (8, 8, 8), **kwargs)
-    assert traces == [(3, 8, 8, 8, CHANNELS)]
+    assert traces == [(None, 8, 8, 8, CHANNELS)]  # the last, partial batch included
+
+
+def test_the_model_runs_only_real_windows():
+    rows = tf.Variable(0)
+
+    def counted(x):
+        rows.assign_add(tf.shape(x)[0])
+        return _linear(x)
+
+    small = _volume((5, 6, 7))  # one window, padded: one row, not a batch of 4
+    result = sliding_window_inference(
+        small, counted, (8, 8, 8), num_classes=NUM_CLASSES, batch_size=4
+    )
+    assert int(rows.numpy()) == 1
+    _assert_close(result, _direct(small))
+    rows.assign(0)
+    sliding_window_inference(
+        _volume((17, 8, 8)), counted, (8, 8, 8), num_classes=NUM_CLASSES, overlap=0.5, batch_size=3
+    )  # 4 windows: batches of 3 and 1
+    assert int(rows.numpy()) == 4
 
 
 def test_2d_model_sees_slices_and_matches_whole_volume():
@@ -336,7 +360,7 @@ def test_2d_model_sees_slices_and_matches_whole_volume():
         mirror_axes=(0, 1, 2),  # axis 0 is ignored: a slice has no depth to flip
     )  # fmt: skip
     _assert_close(result, _direct(volume))
-    assert seen == [(6, 8, 8, CHANNELS)] * 4  # traced once, four flips (axes 1 and 2 only)
+    assert seen == [(None, 8, 8, CHANNELS)] * 4  # traced once, four flips (axes 1 and 2 only)
 
 
 def test_progress_reports_every_batch():

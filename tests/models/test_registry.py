@@ -33,7 +33,7 @@ from segnet.models.registry import MODELS
 from segnet.models.segnet import SegNet
 from segnet.models.unet3d import UNet3D
 from segnet.models.unet3d_cascade import UNet3DCascade
-from segnet.training.precision import precision_policy
+from segnet.precision import precision_policy
 
 CHANNELS, CLASSES = 2, 3
 TINY = {"depth": 2, "filters": 4}

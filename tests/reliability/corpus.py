@@ -303,9 +303,9 @@ def _trained_in_float16_under_auto(ws: Workspace) -> None:
     mixed_float16 there, so its checkpoints hold a loss-scaled optimizer."""
     from segnet.config import build_config
     from segnet.models.registry import build_model
+    from segnet.precision import precision_policy
     from segnet.training.checkpoints import Checkpoints, TrainState, build_checkpoint
     from segnet.training.optimizers import build_optimizer
-    from segnet.training.precision import precision_policy
 
     _merge(ws.data, {"runtime": {"precision": "mixed_float16"}})
     float16 = build_config(ws.data)

@@ -1,4 +1,5 @@
-"""Which compute precision to train in: ``runtime.precision: auto`` and its hardware rules.
+"""Which compute precision to train and predict in: ``runtime.precision``,
+``evaluation.precision`` and their hardware rules.
 
 Mixed precision is only worth it where the hardware runs the low-precision convolutions
 natively; elsewhere TensorFlow emulates them and a step gets many times *slower* (the README's
@@ -13,6 +14,11 @@ machine:
 * anything else: ``float32``.
 
 An explicit choice is kept as written; one that the hardware emulates is kept with a warning.
+
+Inference (``evaluation.precision``, :func:`choose_inference_precision`) runs the model's
+convolutions in bfloat16 under ``auto`` wherever training's ``auto`` would pick bfloat16, and in
+float32 elsewhere; the logits, the softmax, the blending of windows and the metrics are float32
+either way (the models' heads compute in float32).
 
 A resumed run must also fit its checkpoint: ``mixed_float16`` saves a loss-scaled optimizer
 whose state cannot restore into a float32 or bfloat16 one, nor the other way round. So
@@ -32,6 +38,7 @@ from segnet._tf_env import ONEDNN_VAR, onednn_enabled
 from segnet.errors import RunDirError
 
 Precision = Literal["float32", "mixed_bfloat16", "mixed_float16"]
+InferencePrecision = Literal["auto", "float32", "bfloat16"]
 
 # oneDNN runs bfloat16 convolutions natively only with one of these (see /proc/cpuinfo).
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -103,27 +110,7 @@ def choose_precision(
         cpu_flags: the CPU's feature flags.
         onednn: whether TensorFlow's oneDNN kernels are on.
     """
-    gpus = list(gpu_compute_capabilities() if gpus is None else gpus)
-    flags = read_cpu_flags() if cpu_flags is None else cpu_flags
-    onednn = onednn_enabled() if onednn is None else onednn
-    cpu_units = sorted(f for f in NATIVE_BF16_CPU_FLAGS if f in flags)
-    cpu_native_bf16 = bool(cpu_units) and onednn
-    if gpus:
-        oldest = min(gpus)
-        hardware = f"GPU compute capability {oldest[0]}.{oldest[1]}"
-        native = {
-            "mixed_bfloat16": oldest >= (8, 0),
-            "mixed_float16": oldest >= (7, 0),
-        }
-    else:
-        if cpu_native_bf16:
-            hardware = f"CPU with {' and '.join(cpu_units)}"
-        elif cpu_units:
-            hardware = f"CPU with {' and '.join(cpu_units)} but {ONEDNN_VAR}=0"
-        else:
-            hardware = "CPU without AMX or AVX512-BF16"
-        native = {"mixed_bfloat16": cpu_native_bf16, "mixed_float16": False}
-
+    hardware, native = _native_precisions(gpus, cpu_flags, onednn)
     if requested == "auto":
         preferred: tuple[Precision, ...] = ("mixed_bfloat16", "mixed_float16")
         for name in preferred:
@@ -143,6 +130,58 @@ def choose_precision(
         )
         return PrecisionChoice(chosen, f"as configured, on {hardware}, emulated", warning)
     return PrecisionChoice(chosen, f"as configured, on {hardware}")
+
+
+def choose_inference_precision(
+    requested: InferencePrecision,
+    gpus: Sequence[tuple[int, int]] | None = None,
+    cpu_flags: frozenset[str] | None = None,
+    onednn: bool | None = None,
+) -> PrecisionChoice:
+    """Resolves ``evaluation.precision``: the Keras policy the models predict under.
+
+    ``auto`` is bfloat16 where the hardware runs it natively and float32 elsewhere (float16
+    GPUs included: their inference stays float32 until measured). Arguments as for
+    :func:`choose_precision`.
+    """
+    if requested == "float32":
+        return PrecisionChoice("float32", "as configured")
+    hardware, native = _native_precisions(gpus, cpu_flags, onednn)
+    if requested == "auto":
+        if native["mixed_bfloat16"]:
+            return PrecisionChoice("mixed_bfloat16", f"auto: {hardware} runs it natively")
+        return PrecisionChoice("float32", f"auto: {hardware} has no native bfloat16")
+    if native["mixed_bfloat16"]:
+        return PrecisionChoice("mixed_bfloat16", f"as configured, on {hardware}")
+    warning = (
+        f"evaluation.precision: bfloat16 on a {hardware}: TensorFlow emulates bfloat16 here, "
+        "many times slower than float32; set evaluation.precision: auto or float32"
+    )
+    return PrecisionChoice("mixed_bfloat16", f"as configured, on {hardware}, emulated", warning)
+
+
+def _native_precisions(
+    gpus: Sequence[tuple[int, int]] | None,
+    cpu_flags: frozenset[str] | None,
+    onednn: bool | None,
+) -> tuple[str, dict[str, bool]]:
+    """The hardware in words, and which mixed precisions it runs natively."""
+    gpus = list(gpu_compute_capabilities() if gpus is None else gpus)
+    flags = read_cpu_flags() if cpu_flags is None else cpu_flags
+    onednn = onednn_enabled() if onednn is None else onednn
+    cpu_units = sorted(f for f in NATIVE_BF16_CPU_FLAGS if f in flags)
+    cpu_native_bf16 = bool(cpu_units) and onednn
+    if gpus:
+        oldest = min(gpus)
+        hardware = f"GPU compute capability {oldest[0]}.{oldest[1]}"
+        return hardware, {"mixed_bfloat16": oldest >= (8, 0), "mixed_float16": oldest >= (7, 0)}
+    if cpu_native_bf16:
+        hardware = f"CPU with {' and '.join(cpu_units)}"
+    elif cpu_units:
+        hardware = f"CPU with {' and '.join(cpu_units)} but {ONEDNN_VAR}=0"
+    else:
+        hardware = "CPU without AMX or AVX512-BF16"
+    return hardware, {"mixed_bfloat16": cpu_native_bf16, "mixed_float16": False}
 
 
 def precision_for_resume(

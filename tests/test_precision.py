@@ -1,4 +1,4 @@
-"""Tests for segnet.training.precision: ``runtime.precision: auto`` and its hardware rules."""
+"""Tests for segnet.precision: ``runtime.precision: auto`` and its hardware rules."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ import pytest
 from helpers import tiny_config
 
 from segnet.errors import RunDirError
-from segnet.run_dir import stored_config
-from segnet.training import trainer
-from segnet.training.precision import (
+from segnet.precision import (
     PrecisionChoice,
+    choose_inference_precision,
     choose_precision,
     precision_for_resume,
     read_cpu_flags,
 )
+from segnet.run_dir import stored_config
+from segnet.training import trainer
 
 AVX2 = frozenset({"fma", "avx", "avx2"})  # an AMD EPYC (Zen 3): no bfloat16 units
 SAPPHIRE_RAPIDS = AVX2 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
@@ -188,3 +189,32 @@ def test_a_run_moved_onto_a_float16_machine_resumes_in_float32(
     assert "float32 instead of mixed_float16" in caplog.text
     assert resumed.step == 2 * first.step  # restored, then one more epoch
     assert {layer.compute_dtype for layer in resumed.model.layers} == {"float32"}
+
+
+@pytest.mark.parametrize(
+    ("gpus", "flags", "onednn", "expected"),
+    [
+        ([], AVX2, True, "float32"),
+        ([], SAPPHIRE_RAPIDS, True, "mixed_bfloat16"),
+        ([], COOPER_LAKE, True, "mixed_bfloat16"),
+        ([], SAPPHIRE_RAPIDS, False, "float32"),
+        ([(8, 0)], AVX2, True, "mixed_bfloat16"),
+        ([(7, 5)], SAPPHIRE_RAPIDS, True, "float32"),  # float16 inference is not measured
+    ],
+)
+def test_auto_inference_runs_bfloat16_only_where_the_hardware_runs_it_natively(
+    gpus: list[tuple[int, int]], flags: frozenset[str], onednn: bool, expected: str
+) -> None:
+    choice = choose_inference_precision("auto", gpus=gpus, cpu_flags=flags, onednn=onednn)
+    assert choice.name == expected
+    assert choice.reason.startswith("auto: ") and choice.warning is None
+
+
+def test_explicit_inference_precisions_are_kept_and_emulation_warned() -> None:
+    kept = choose_inference_precision("float32", gpus=[], cpu_flags=SAPPHIRE_RAPIDS, onednn=True)
+    assert (kept.name, kept.warning) == ("float32", None)
+    native = choose_inference_precision("bfloat16", gpus=[], cpu_flags=COOPER_LAKE, onednn=True)
+    assert (native.name, native.warning) == ("mixed_bfloat16", None)
+    emulated = choose_inference_precision("bfloat16", gpus=[], cpu_flags=AVX2, onednn=True)
+    assert emulated.name == "mixed_bfloat16"
+    assert emulated.warning is not None and "evaluation.precision: auto" in emulated.warning
