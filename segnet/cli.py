@@ -1,5 +1,5 @@
 """Command-line entry points: ``segnet-train``, ``segnet-evaluate``, ``segnet-predict``,
-``segnet-plan``.
+``segnet-plan``, ``segnet-compare``.
 
 ``scripts/*.py`` call the same functions. Each parses its flags, then makes one call into the
 library. A user-fixable problem (``UserError``) is printed as one message on stderr with exit
@@ -312,3 +312,39 @@ def _plan(args: argparse.Namespace) -> int:
 
 def plan_main(argv: Sequence[str] | None = None) -> int:
     return _run("segnet-plan", _plan, plan_parser(), argv)
+
+
+# --------------------------------------------------------------------------------------------
+# segnet-compare
+# --------------------------------------------------------------------------------------------
+def compare_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="segnet-compare",
+        description="Compare two evaluations of the same cases, case by case.",
+    )
+    parser.add_argument("baseline", type=Path, help="evaluation folder (or its per_case.csv)")
+    parser.add_argument("candidate", type=Path, help="evaluation folder (or its per_case.csv)")
+    parser.add_argument(
+        "--metric",
+        action="append",
+        help="per-case metric, repeatable: dice, iou, nsd, hd95_mm, assd_mm "
+        "(default: dice and hd95_mm)",
+    )
+    _common_flags(parser)
+    return parser
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from segnet.evaluation import compare  # numpy and scipy only: no TensorFlow
+
+    baseline = compare.read_scores(args.baseline)
+    candidate = compare.read_scores(args.candidate)
+    differences = compare.compare(baseline, candidate, args.metric or compare.DEFAULT_METRICS)
+    print(f"baseline:  {compare.evaluation_csv(args.baseline)}")
+    print(f"candidate: {compare.evaluation_csv(args.candidate)}")
+    print(compare.format_table(differences, compare.read_class_names(args.baseline)))
+    return 0
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    return _run("segnet-compare", _compare, compare_parser(), argv)
