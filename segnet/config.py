@@ -177,6 +177,10 @@ class AugmentationConfig:
     rot90_prob: float = 0.0  # 90-degree rotations in the axial (height, width) plane
     affine_prob: float = 0.2  # random rotation + scaling, resampled on the fly
     rotation_degrees: float = 15.0  # max absolute rotation per axis
+    # A voxel axis far coarser than the others (e.g. 0 for 10 mm slices of 1.5 mm pixels): the
+    # affine then rotates about it only and zooms the other two, so no sample mixes distant
+    # slices. null: rotate about, and zoom, every axis
+    coarse_axis: int | None = None
     scale_range: tuple[float, float] = (0.85, 1.15)  # isotropic zoom factor
     intensity_scale_prob: float = 0.15
     intensity_scale_range: tuple[float, float] = (0.75, 1.25)
@@ -199,6 +203,8 @@ class AugmentationConfig:
                 problems.append((f.name, f"low must not exceed high, got {list(value)}"))
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             problems.append(("flip_axes", "axes must be 0, 1 or 2"))
+        if self.coarse_axis not in (None, 0, 1, 2):
+            problems.append(("coarse_axis", f"must be 0, 1, 2 or null, got {self.coarse_axis}"))
         for name in ("noise_std", "intensity_shift_std", "rotation_degrees"):
             if getattr(self, name) < 0:
                 problems.append((name, "must be >= 0"))

@@ -82,7 +82,7 @@ def test_each_readme_command_is_valid(command: str):
         _check_pytest_flags(args[2:])
     elif program == "python" and args[0].startswith("scripts/"):
         script = Path(args[0]).stem
-        if script in ("train", "evaluate", "predict"):
+        if script in ("train", "evaluate", "predict", "compare"):
             _parse(f"segnet-{script}", args[1:])
         else:
             _check_against_help(args[0], args[1:])
@@ -102,6 +102,7 @@ def _parse(program: str, args: list[str]) -> None:
         "segnet-evaluate": cli.evaluate_parser,
         "segnet-predict": cli.predict_parser,
         "segnet-plan": cli.plan_parser,
+        "segnet-compare": cli.compare_parser,
     }[program]()
     if not args:  # "installed as segnet-train": the name alone
         return

@@ -72,12 +72,21 @@ def draw_spatial(
 
 def _draw_affine(rng: np.random.Generator, aug: AugmentationConfig, spatial_dims: int):
     limit = np.deg2rad(aug.rotation_degrees)
-    angles = rng.uniform(-limit, limit, size=3 if spatial_dims == 3 else 1)
+    # A 2D model's slice is the plane across axis 0; a coarse axis is treated the same way.
+    fixed_axis = 0 if spatial_dims == 2 else aug.coarse_axis
+    if fixed_axis is None:
+        angles = rng.uniform(-limit, limit, size=3)
+        return affine_matrix(angles, rng.uniform(*aug.scale_range))
+    angle = rng.uniform(-limit, limit, size=1)
     zoom = rng.uniform(*aug.scale_range)
-    return affine_matrix(angles, zoom, in_plane=spatial_dims == 2)
+    angles = np.zeros(3)
+    angles[fixed_axis] = angle[0]
+    return affine_matrix(angles, zoom, fixed_axis=fixed_axis)
 
 
-def affine_matrix(angles: np.ndarray | list[float], zoom: float, in_plane: bool = False):
+def affine_matrix(
+    angles: np.ndarray | list[float], zoom: float, fixed_axis: int | None = None
+) -> np.ndarray:
     """The (3, 3) output-to-source offset map of a rotation and an isotropic zoom.
 
     Args:
@@ -87,7 +96,8 @@ def affine_matrix(angles: np.ndarray | list[float], zoom: float, in_plane: bool 
             ``np.rot90(k=-1, axes=(1, 2))``. Random angles are symmetric, so it does not matter.
         zoom: magnification; above 1 the anatomy looks larger (the grid samples a smaller
             region of the source).
-        in_plane: zoom (height, width) only, keeping the depth coordinate; used for 2D slices.
+        fixed_axis: an axis the zoom leaves alone (0: zoom height and width only), for 2D
+            slices and for grids coarse along that axis.
 
     Returns:
         float64 array (3, 3); ``affine_matrix([], 1.0)`` is the identity.
@@ -96,8 +106,8 @@ def affine_matrix(angles: np.ndarray | list[float], zoom: float, in_plane: bool 
     for axis, angle in enumerate(angles):
         matrix = matrix @ _rotation(axis, float(angle))
     scale = np.full(3, 1.0 / zoom)
-    if in_plane:
-        scale[0] = 1.0
+    if fixed_axis is not None:
+        scale[fixed_axis] = 1.0
     return matrix @ np.diag(scale)
 
 

@@ -330,10 +330,11 @@ def _describe_augmentation(aug) -> str:
     if not aug.enabled:
         return "augmentation: off"
     low, high = aug.scale_range
+    about = "" if aug.coarse_axis is None else f" about axis {aug.coarse_axis} only"
     geometry = {
         f"flip (axes {', '.join(map(str, aug.flip_axes))})": aug.flip_prob,
         "rot90": aug.rot90_prob,
-        f"affine (±{aug.rotation_degrees:g}°, zoom {low:g}-{high:g})": aug.affine_prob,
+        f"affine (±{aug.rotation_degrees:g}°{about}, zoom {low:g}-{high:g})": aug.affine_prob,
     }
     intensity = {
         "scale": aug.intensity_scale_prob,

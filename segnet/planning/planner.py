@@ -161,7 +161,6 @@ def plan_tree(fp: Fingerprint, model: Model, sizing: rules.Sizing) -> Tree:
     spacing = target.value if resample.value else list(fp.median_spacing)
     shape = rules.planned_shape(fp, target.value if resample.value else None, crop.value)
     net, why = rules.plan_network(fp, spacing, shape, model, sizing)
-    anisotropic = max(spacing) / min(spacing) > rules.ANISOTROPY
     preprocessing: Tree = {"resample": resample}
     if resample.value:
         preprocessing["target_spacing"] = target
@@ -170,7 +169,7 @@ def plan_tree(fp: Fingerprint, model: Model, sizing: rules.Sizing) -> Tree:
         "name": Choice(_slug(fp.name, model), "the run directory: runs/<name>"),
         "data": _data_section(fp, why),
         "preprocessing": preprocessing,
-        **_augmentation(net, anisotropic),
+        **_augmentation(net, list(spacing)),
         "model": _model_section(net, why),
         "loss": {"name": Choice("dice_ce", "soft Dice over the foreground + cross-entropy")},
         "optimizer": {
@@ -232,17 +231,20 @@ def _split(fp: Fingerprint) -> Choice:
     )
 
 
-def _augmentation(net: rules.Network, anisotropic: bool) -> Tree:
-    """Rotations off where the voxels are far from cubes: segnet's affine augmentation rotates
-    about all three axes in voxel space, which would mix distant slices."""
-    if not anisotropic and net.slice_axis is None:
+def _augmentation(net: rules.Network, spacing: list[float]) -> Tree:
+    """On an anisotropic grid, rotations about the coarse axis only and zooms across it, as
+    nnU-Net augments such data in-plane; a 2D network's slices are rotated in their own plane
+    anyway."""
+    coarse = int(np.argmax(spacing))
+    ratio = spacing[coarse] / min(spacing)
+    if ratio <= rules.ANISOTROPY or net.slice_axis is not None:
         return {}
     return {
         "augmentation": {
-            "rotation_degrees": Choice(
-                0.0,
-                "the grid is anisotropic, and segnet rotates about all three axes in voxel "
-                "space, which would mix distant slices: zoom, flips and intensities only",
+            "coarse_axis": Choice(
+                coarse,
+                f"axis {coarse} is {ratio:.2g}x coarser than the finest: rotations turn about it "
+                "only and zooms leave it alone, so no sample mixes distant slices",
             )
         }
     }

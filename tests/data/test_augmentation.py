@@ -236,6 +236,26 @@ def test_2d_draws_act_in_the_axial_plane_only():
         assert params.flips == (1, 2)
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_coarse_axis_is_neither_rotated_into_nor_zoomed(axis: int):
+    aug = dataclasses.replace(ALL_ZERO, affine_prob=1.0, coarse_axis=axis)
+    unit = np.eye(3)[axis]
+    turned = 0
+    for seed in range(20):
+        matrix = draw_spatial(np.random.default_rng(seed), aug).matrix
+        # The coarse coordinate of every sample is its own: no slice borrows from another.
+        np.testing.assert_array_equal(matrix[axis], unit)
+        np.testing.assert_array_equal(matrix[:, axis], unit)
+        turned += not np.allclose(matrix, np.diag(np.diag(matrix)))
+    assert turned == 20  # the other two axes do rotate
+
+
+def test_without_a_coarse_axis_every_axis_turns():
+    aug = dataclasses.replace(ALL_ZERO, affine_prob=1.0)
+    matrix = draw_spatial(np.random.default_rng(0), aug).matrix
+    assert all(not np.allclose(matrix[a], np.eye(3)[a]) for a in range(3))
+
+
 def test_2d_slice_chain(volume):
     aug = AugmentationConfig(rot90_prob=0.5, affine_prob=1.0, noise_prob=1.0, blur_prob=1.0)
     for seed in range(5):

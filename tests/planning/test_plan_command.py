@@ -84,8 +84,10 @@ def test_an_anisotropic_dataset_keeps_its_thick_axis_unpooled(tmp_path: Path, fa
     root = write_synthetic_dataset(tmp_path / "aniso", spec)
     out = tmp_path / "aniso.yaml"
     assert plan(root, "--out", out) == 0
-    unet = load_config(out).model.unet3d
+    config = load_config(out)
+    unet = config.model.unet3d
     assert unet.level_pools[0] == (2, 2, 1) and unet.level_kernels[0] == (3, 3, 1)
+    assert config.augmentation.coarse_axis is None  # 2.5x: within nnU-Net's ratio of 3
 
 
 def test_segnet_plans_argmax_pools_per_axis(tiny_dataset: Path, tmp_path: Path, fake_timer):

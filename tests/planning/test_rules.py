@@ -151,6 +151,16 @@ def test_two_dimensional_data_with_segnet_plans_a_2d_segnet():
     assert config.spatial_dims == 2 and config.data.patch_size == (1, 64, 64)
 
 
+def test_a_3d_plan_on_an_anisotropic_grid_rotates_about_its_thick_axis_only():
+    tree = plan_tree(anisotropic(), "unet3d", rules.first_sizing(CPU))
+    choice = tree["augmentation"]["coarse_axis"]
+    assert choice.value == 2 and "rotations turn about it only" in choice.reason
+    tree["train"].update(rules.schedule(2000, 0.1, 3600))
+    config = build_config(plain(tree))
+    assert config.augmentation.coarse_axis == 2 and config.augmentation.rotation_degrees == 15
+    assert "augmentation" not in plan_tree(isotropic(), "unet3d", rules.first_sizing(CPU))
+
+
 def test_ct_and_mr_channels_get_their_own_normalisation():
     fp = fingerprint([(1.0, 1.0, 1.0)] * 4, [(64, 64, 64)] * 4, channels=("CT", "T2"))
     choices = rules.normalization(fp)
