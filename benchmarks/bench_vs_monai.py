@@ -39,6 +39,7 @@ sys.path.insert(
 )  # run from a checkout, installed or not
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -338,13 +339,12 @@ def main() -> None:
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         parser.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
-    try:
-        import monai  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as error:
+    missing = [name for name in ("torch", "monai") if importlib.util.find_spec(name) is None]
+    if missing:  # found, not imported: the workers import them, each in its own process
         raise SystemExit(
-            f"bench_vs_monai needs PyTorch and MONAI ({error}): pip install -e '.[bench]'"
-        ) from None
+            f"bench_vs_monai needs PyTorch and MONAI ({', '.join(missing)} missing): "
+            "pip install -e '.[bench]'"
+        )
 
     flags = cpu_flags()
     native = [flag for flag in BF16_FLAGS if flag in flags]
