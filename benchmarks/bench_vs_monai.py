@@ -50,6 +50,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from segnet.precision import NATIVE_BF16_CPU_FLAGS, read_cpu_flags  # no TensorFlow import
+
 if TYPE_CHECKING:
     import torch
 
@@ -65,7 +67,6 @@ SMALL_VOLUME = (35, 50, 36)  # a hippocampus crop
 WARMUP = 3
 ROWS = ("train", "window", "small")
 SIDES = ("segnet", "monai")
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # what runs bfloat16 natively (see segnet/precision.py)
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,11 @@ class Work:
         return f"{what}, {self.precision}"
 
     @property
-    def repeats(self) -> int:
-        return 1 if self.row == "window" else 0  # 0: --steps
+    def warmup(self) -> int:
+        return 1 if self.row == "window" else WARMUP  # a large volume warms up in one pass
+
+    def repeats(self, steps: int) -> int:
+        return 1 if self.row == "window" else steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +176,7 @@ def segnet_worker(work: Work, steps: int) -> dict:
                 weighting="gaussian", batch_size=BATCH,
             )  # fmt: skip
 
-        warmup = 1 if work.row == "window" else WARMUP
-        seconds = median_seconds(run, warmup, work.repeats or steps)
+        seconds = median_seconds(run, work.warmup, work.repeats(steps))
     return {
         "seconds": seconds,
         "parameters": parameters,
@@ -269,8 +272,7 @@ def monai_worker(work: Work, steps: int) -> dict:
                     volume, PATCH, BATCH, softmax, overlap=OVERLAP, mode="gaussian"
                 )
 
-        warmup = 1 if work.row == "window" else WARMUP
-        seconds = median_seconds(run, warmup, work.repeats or steps)
+        seconds = median_seconds(run, work.warmup, work.repeats(steps))
     return {
         "seconds": seconds,
         "parameters": parameters,
@@ -305,16 +307,6 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def cpu_flags() -> frozenset[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def planned_work(rows: list[str], bf16_native: bool) -> list[Work]:
     precisions = ("float32", "bfloat16") if bf16_native else ("float32",)
     return [Work(row, precision) for row in rows for precision in precisions]
@@ -346,8 +338,8 @@ def main() -> None:
             "pip install -e '.[bench]'"
         )
 
-    flags = cpu_flags()
-    native = [flag for flag in BF16_FLAGS if flag in flags]
+    flags = read_cpu_flags()
+    native = [flag for flag in NATIVE_BF16_CPU_FLAGS if flag in flags]
     print(
         f"CPU: {cpu_name()}, {os.cpu_count()} cores; bfloat16 units: {', '.join(native) or 'none'}"
     )
