@@ -213,6 +213,13 @@ def _wilcoxon(differences: np.ndarray) -> float | None:
     return float(stats.wilcoxon(differences, zero_method="wilcox").pvalue)
 
 
+def _figure(value: float, sign: str = "") -> str:
+    """Four decimals; a difference too small for them in scientific notation, not as 0.0000."""
+    if value != 0 and abs(value) < 5e-5:
+        return f"{value:{sign}.1e}"
+    return f"{value:{sign}.4f}"
+
+
 def format_table(
     differences: Sequence[PairedDifference], class_names: dict[int, str] | None = None
 ) -> str:
@@ -225,7 +232,7 @@ def format_table(
     names = class_names or {}
     for d in differences:
         name = f"{d.label} ({class_names[d.label]})" if d.label in names else str(d.label)
-        spread = f"{d.mean:+.4f} ± {d.standard_error:.4f}"
+        spread = f"{_figure(d.mean, '+')} ± {_figure(d.standard_error)}"
         p = "-" if d.p_value is None else f"{d.p_value:.3g}"
         lines.append(
             f"{name:<18}{d.metric:<9}{d.cases:>6}{d.baseline:>10.4f}{d.candidate:>11.4f}"
