@@ -85,7 +85,7 @@ def normalization(kind: str, channels: int, groups: int, name: str) -> keras.lay
         ValueError: ``kind`` is not one of ``NORMS``.
     """
     if kind == "batch":
-        return keras.layers.BatchNormalization(name=name)
+        return FusedBatchNormalization(name=name)
     if kind == "instance":
         # One group per channel normalises each channel of each sample over space alone.
         return keras.layers.GroupNormalization(groups=channels, name=name)
@@ -248,6 +248,66 @@ def _spatial_ceil(shape: Sequence[int | None], multiple: Size) -> list[int | Non
 def _stored(size: Size) -> int | list[int]:
     """A size as a layer's config keeps it: an int, or a JSON-ready list per axis."""
     return size if isinstance(size, int) else [int(v) for v in size]
+
+
+@keras.saving.register_keras_serializable(package="segnet")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """Keras's BatchNormalization computed by TensorFlow's fused kernel (``FusedBatchNormV3``).
+
+    Keras normalises with a chain of element-wise ops on a float32 copy of the input; the fused
+    kernel reads bfloat16 directly, keeps its statistics in float32 and makes a few passes
+    instead of about a dozen. On the AMX Xeon that made the bfloat16 training step of a
+    batch-norm U-Net at 64^3 1.19x faster and its inference 1.1x (README, "Against MONAI").
+    The variables, their names and the update rule are Keras's, so checkpoints and ``.keras``
+    files hold the same weights; a synchronised (``runtime.sync_batchnorm``), masked or
+    renormalising layer, one over another axis than the last, or another Keras backend falls
+    back to Keras's code.
+    """
+
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        rank = len(inputs.shape)
+        if (
+            keras.backend.backend() != "tensorflow"
+            or mask is not None
+            or self.renorm
+            or self.synchronized
+            or self.axis not in (-1, rank - 1)
+            or rank not in (4, 5)
+        ):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf  # the TensorFlow backend's own kernel, as in argmax_pooling
+
+        data_format = "NDHWC" if rank == 5 else "NHWC"
+        scale, offset = self._affine(inputs.shape[-1])
+        if training and self.trainable:
+            y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+                x=inputs, scale=scale, offset=offset, mean=tf.zeros([0]),
+                variance=tf.zeros([0]), epsilon=self.epsilon, is_training=True,
+                data_format=data_format,
+            )  # fmt: skip
+            # The kernel returns the unbiased variance; Keras averages the biased one.
+            count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
+            variance = variance * (count - 1.0) / tf.maximum(count, 1.0)
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1 - self.momentum))
+            self.moving_variance.assign(
+                self.moving_variance * self.momentum + variance * (1 - self.momentum)
+            )
+        else:
+            y = tf.raw_ops.FusedBatchNormV3(
+                x=inputs, scale=scale, offset=offset,
+                mean=tf.convert_to_tensor(self.moving_mean),
+                variance=tf.convert_to_tensor(self.moving_variance), epsilon=self.epsilon,
+                is_training=False, data_format=data_format,
+            )[0]  # fmt: skip
+        return ops.cast(y, self.compute_dtype)
+
+    def _affine(self, channels: int) -> tuple[Any, Any]:
+        """gamma and beta as float32 tensors (ones and zeros where switched off)."""
+        import tensorflow as tf
+
+        scale = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
+        offset = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
+        return scale, offset
 
 
 @keras.saving.register_keras_serializable(package="segnet")
