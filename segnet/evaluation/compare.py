@@ -231,7 +231,7 @@ def format_table(
     lines = [header]
     names = class_names or {}
     for d in differences:
-        name = f"{d.label} ({class_names[d.label]})" if d.label in names else str(d.label)
+        name = f"{d.label} ({names[d.label]})" if d.label in names else str(d.label)
         spread = f"{_figure(d.mean, '+')} ± {_figure(d.standard_error)}"
         p = "-" if d.p_value is None else f"{d.p_value:.3g}"
         lines.append(
