@@ -72,3 +72,26 @@ def test_a_synchronised_layer_uses_keras_code(monkeypatch):
     monkeypatch.setattr(tf.raw_ops, "FusedBatchNormV3", lambda **kw: calls.append(kw))
     fused(tf.ones((2, 4, 4, 4, 2)), training=True)
     assert calls == []
+
+
+def test_checkpoints_of_keras_batch_norm_restore_into_the_fused_layer(tmp_path, monkeypatch):
+    from segnet.checkpoint_files import model_objects
+    from segnet.config import build_config
+    from segnet.models import blocks
+    from segnet.models.registry import build_model
+
+    config = build_config({"model": {"segnet": {"depth": 2, "filters": 4}}})  # norm: batch
+    with monkeypatch.context() as patch:  # a model as segnet built it before the fused layer
+        patch.setattr(blocks, "FusedBatchNormalization", keras.layers.BatchNormalization)
+        old = build_model(config)
+    assert not any(isinstance(layer, FusedBatchNormalization) for layer in old.layers)
+    for variable in old.non_trainable_weights:  # moving statistics worth restoring
+        variable.assign(tf.random.uniform(variable.shape, 0.5, 2.0))
+    path = tf.train.Checkpoint(**model_objects(old)).save(str(tmp_path / "ckpt"))
+    new = build_model(config)
+    assert any(isinstance(layer, FusedBatchNormalization) for layer in new.layers)
+    tf.train.Checkpoint(**model_objects(new)).restore(path).assert_existing_objects_matched()
+    for mine, theirs in zip(new.weights, old.weights, strict=True):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+    x = tf.random.stateless_normal((1, 8, 8, 8, 1), seed=(7, 8))
+    np.testing.assert_allclose(new(x), old(x), rtol=1e-4, atol=1e-4)
