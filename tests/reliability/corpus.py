@@ -590,6 +590,7 @@ INFERENCE = [
     BadInput("evaluate-unknown-checkpoint", "inference", evaluate("--checkpoint", "ckpt-999"), RunDirError, ("--checkpoint ckpt-999",), program="evaluate", existing_run=True, subprocess=True),
     BadInput("evaluate-checkpoint-truncated", "inference", _evaluate_truncated_checkpoint, RunDirError, ("{run}/checkpoints/ckpt-", "--checkpoint"), program="evaluate", existing_run=True, subprocess=True),
     BadInput("evaluate-set-training-key", "inference", evaluate("--set", "train.epochs=3"), ConfigError, ("--set train.epochs",), program="evaluate", existing_run=True),
+    BadInput("evaluate-set-unknown-precision", "inference", evaluate("--set", "evaluation.precision=half"), ConfigError, ("evaluation.precision", "bfloat16"), program="evaluate", existing_run=True),
     BadInput("evaluate-data-truncated-label", "inference", _evaluate_on_truncated_labels, DataError, ("{root}/" + LABEL,), program="evaluate", existing_run=True),
     BadInput("predict-input-missing", "inference", predict(lambda ws: ws.tmp / "absent.nii.gz"), None, ("{tmp}/absent.nii.gz",), program="predict", existing_run=True),
     BadInput("predict-input-not-nifti", "inference", predict(_not_nifti), None, ("{tmp}/inputs/scan.nii.gz",), program="predict", existing_run=True, subprocess=True),
