@@ -103,8 +103,9 @@ class Predictor:
         largest_component_classes: the classes that keep only their largest connected
             component, as a cross-validation chose them; None follows
             ``evaluation.keep_largest_component``.
-        precision: the Keras dtype policy the models compute in (``evaluation.precision``
-            resolved on this machine); the softmax and everything after it are float32.
+        precision: what the models' convolutions compute in, ``float32`` or ``bfloat16``
+            (``evaluation.precision`` resolved on this machine); the softmax and everything
+            after it are float32.
     """
 
     config: ExperimentConfig
@@ -180,7 +181,8 @@ def load_ensemble(
     precision = choose_inference_precision(config.evaluation.precision)
     if precision.warning:
         log.warning("%s", precision.warning)
-    log.info("inference precision: %s (%s)", _precision_word(precision.name), precision.reason)
+    computes_in = precision.name.removeprefix("mixed_")  # mixed_bfloat16: convolutions in bf16
+    log.info("inference precision: %s (%s)", computes_in, precision.reason)
     predict_fns = tuple(
         make_predict_fn(loading.load_model(run.config, ref, precision.name))
         for run, ref in zip(runs, refs, strict=True)
@@ -192,13 +194,8 @@ def load_ensemble(
         predict_fn,
         config.spatial_dims,
         largest_component_classes,
-        _precision_word(precision.name),
+        computes_in,
     )
-
-
-def _precision_word(policy: str) -> str:
-    """``mixed_bfloat16`` -> ``bfloat16``: what the convolutions compute in."""
-    return policy.removeprefix("mixed_")
 
 
 def log_postprocessing(choice: tuple[tuple[int, ...], Path] | None) -> tuple[int, ...] | None:

@@ -10,7 +10,7 @@ several do, it is their importance-weighted mean.
 
 Speed: the forward pass (model, mirroring, softmax, weighting) is one ``tf.function`` with the
 input signature ``(None, *window, channels)``. It is cached per (predict_fns, window,
-channels, classes, batch size, mirror axes, spatial dims), so evaluating many cases of any size
+channels, classes, mirror axes, spatial dims), so evaluating many cases of any size
 traces the model once; a volume's last batch holds only its real windows, run under the same
 trace (zero-filled rows would cost a one-window volume ``batch_size`` forward passes). The cache
 keeps the last few predict_fns (and so their models) alive; pass the same callable for every
@@ -131,7 +131,6 @@ class _ForwardSpec:
     window: Window
     channels: int
     num_classes: int
-    batch_size: int
     mirror_axes: tuple[int, ...]
     spatial_dims: int
 
@@ -344,7 +343,7 @@ def sliding_window_inference(
     volume = np.asarray(volume, dtype=np.float32)
     padded, crop = _pad_to_window(volume, size)
     axes = sorted({int(a) for a in mirror_axes} - ({0} if spatial_dims == 2 else set()))
-    spec = _ForwardSpec(size, volume.shape[-1], num_classes, batch_size, tuple(axes), spatial_dims)
+    spec = _ForwardSpec(size, volume.shape[-1], num_classes, tuple(axes), spatial_dims)
     positions = window_positions(padded.shape[:3], size, overlap)
     importance = _cached_importance_map(size, weighting, sigma_scale)
     on_device = not accumulate_on_cpu and _accelerator_present()
