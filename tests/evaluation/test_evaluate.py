@@ -34,7 +34,7 @@ from segnet.data.volumes import make_geometry, write_volume
 from segnet.errors import ConfigError, DataError, RunDirError
 from segnet.evaluation import montage
 from segnet.evaluation.evaluate import evaluate_case, evaluate_run, recover_interrupted
-from segnet.inference import loading
+from segnet.inference import loading, sliding_window
 from segnet.precision import choose_inference_precision
 from segnet.training.trainer import train
 
@@ -252,6 +252,38 @@ def test_data_yaml_uses_its_held_out_split(run: Path, dataset: Path, tmp_path: P
     config.write_text(yaml.safe_dump({"data": {**data, "num_classes": 5}}))
     with pytest.raises(ConfigError, match="num_classes is 5 but the model was trained with 3"):
         evaluate_run(run, "best", data=str(config), quiet=True)
+
+
+def test_data_yaml_chooses_cases_not_the_window(
+    run: Path, dataset: Path, tmp_path: Path, oracle, monkeypatch: pytest.MonkeyPatch
+):
+    """A --data YAML written for another experiment (64^3 patches) must not resize the windows
+    of a model trained on 8^3 patches: the windows are the run's, or evaluation.window."""
+    windows: list[tuple[int, ...]] = []
+    real = sliding_window.sliding_window_inference
+
+    def recording(volume, predict_fn, window, **kwargs):
+        windows.append(tuple(window))
+        return real(volume, predict_fn, window, **kwargs)
+
+    monkeypatch.setattr(sliding_window, "sliding_window_inference", recording)
+    config = tmp_path / "other.yaml"
+    data = {
+        "root": str(dataset),
+        "num_classes": NUM_CLASSES,
+        "num_channels": 2,
+        "patch_size": [64, 64, 64],
+        "split": {"val": ["case_0", "case_1"]},
+    }
+    config.write_text(yaml.safe_dump({"data": data}))
+    document = evaluate_run(run, "best", data=str(config), quiet=True)["best"]
+    assert sorted(document["per_case"]) == ["case_0", "case_1"]  # the file's cases
+    assert set(windows) == {(8, 8, 8)}, windows
+    windows.clear()
+    evaluate_run(
+        run, "best", data=str(config), quiet=True, overrides=["evaluation.window=[8,12,8]"]
+    )
+    assert set(windows) == {(8, 12, 8)}, windows
 
 
 def test_unusable_held_out_case_is_named_or_skipped(
