@@ -544,6 +544,10 @@ def _held_out(config: ExperimentConfig) -> list[CaseFiles]:
     return list(split.val)
 
 
+# The data settings a --data YAML contributes: where its cases are and how they are split.
+_WHICH_CASES = ("root", "root_alternatives", "format", "cases", "synthetic", "split", "cache_dir")
+
+
 def _data_from_yaml(path: Path, config: ExperimentConfig) -> Any:
     other = load_config(path).data
     mismatched = [
@@ -574,10 +578,6 @@ def _data_from_yaml(path: Path, config: ExperimentConfig) -> Any:
         **{name: getattr(other, name) for name in _WHICH_CASES},
         skip_bad_cases=other.skip_bad_cases or config.data.skip_bad_cases,
     )
-
-
-# The data settings a --data YAML contributes: where its cases are and how they are split.
-_WHICH_CASES = ("root", "root_alternatives", "format", "cases", "synthetic", "split", "cache_dir")
 
 
 def _data_from_folder(path: Path, config: ExperimentConfig) -> Any:
