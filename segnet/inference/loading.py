@@ -415,6 +415,56 @@ def load_model(
     return model
 
 
+# A .keras file keys each layer's weights by its class name: ``layers/batch_normalization_3``.
+# segnet's batch norm became a class of its own (FusedBatchNormalization, 2026-11-30), so
+# models exported before then name Keras's class and would no longer load; same layers, same
+# order, so renaming the keys is exact.
+RENAMED_LAYER_KEYS = {"batch_normalization": "fused_batch_normalization"}
+
+
+def _load_with_renamed_layer_keys(path: str) -> keras.Model | None:
+    """The model of an older ``.keras`` file, loaded from a copy with today's weight keys.
+
+    None when the file holds none of the renamed keys, already has today's, is not a readable
+    ``.keras`` archive, or does not load even so. The file itself is never changed.
+    """
+    import io
+    import re
+    import tempfile
+    import zipfile
+
+    import h5py
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {name: archive.read(name) for name in archive.namelist()}
+        weights = io.BytesIO(members["model.weights.h5"])
+        with h5py.File(weights, "r+") as h5:
+            layers = h5.get("layers")
+            keys = list(layers.keys()) if layers is not None else []
+            renames = [
+                (key, new + key[len(old) :])
+                for key in keys
+                for old, new in RENAMED_LAYER_KEYS.items()
+                if re.fullmatch(rf"{old}(_\d+)?", key)
+            ]
+            if not renames or any(new in keys for _, new in renames):
+                return None
+            for key, new in renames:
+                layers.move(key, new)
+        members["model.weights.h5"] = weights.getvalue()
+        with tempfile.TemporaryDirectory(prefix="segnet-keras-") as scratch:
+            copy = Path(scratch) / Path(path).name
+            with zipfile.ZipFile(copy, "w") as archive:
+                for name, data in members.items():
+                    archive.writestr(name, data)
+            model = keras.saving.load_model(copy, compile=False)
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile):
+        return None
+    log.info("loaded %s, exported before segnet's batch-norm layer had its own name", path)
+    return model
+
+
 def _rebuilt(config: ExperimentConfig, model: keras.Model, policy: str, path: str) -> keras.Model:
     """``model``'s weights in the config's model built under ``policy`` (an export is float32)."""
     with precision_policy(policy):
@@ -435,7 +485,9 @@ def _load_keras_file(config: ExperimentConfig, path: str) -> keras.Model:
     try:
         model = keras.saving.load_model(path, compile=False)
     except (OSError, ValueError, TypeError) as exc:
-        raise RunDirError(f"{path}: cannot load the Keras model ({first_line(exc)})") from None
+        model = _load_with_renamed_layer_keys(path)
+        if model is None:
+            raise RunDirError(f"{path}: cannot load the Keras model ({first_line(exc)})") from None
     classes = model.outputs[0].shape[-1]
     if classes != config.data.num_classes:
         raise RunDirError(

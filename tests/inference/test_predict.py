@@ -583,3 +583,32 @@ def test_bfloat16_and_float32_predictions_of_a_run_agree_on_the_scans_grid(
     difference = np.abs(probabilities["bfloat16"] - probabilities["float32"])
     assert difference.max() > 0 and np.median(difference) < 0.01
     assert np.mean(labels["bfloat16"] == labels["float32"]) > 0.95
+
+
+def test_an_export_from_before_the_fused_batch_norm_still_loads(tmp_path: Path, monkeypatch):
+    # SegNet's batch norm became segnet's own class on 2026-11-30; a .keras file keys weights by
+    # class name, so an export from before names keras.layers.BatchNormalization.
+    from segnet.models import blocks
+
+    config = build_config({"model": {"segnet": {"depth": 2, "filters": 4}}})  # norm: batch
+    with monkeypatch.context() as patch:
+        patch.setattr(blocks, "FusedBatchNormalization", keras.layers.BatchNormalization)
+        old = build_model(config)
+    for variable in old.weights:
+        variable.assign(
+            tf.random.stateless_uniform(variable.shape, (1, len(variable.path)), 0.5, 2)
+        )
+    path = tmp_path / "model.keras"
+    old.save(path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError):  # what Keras alone makes of it today
+        keras.saving.load_model(path, compile=False)
+    model = loading._load_keras_file(config, str(path))
+    assert any(isinstance(layer, blocks.FusedBatchNormalization) for layer in model.layers)
+    x = tf.random.stateless_normal((1, 16, 16, 16, 1), seed=(3, 4))
+    np.testing.assert_allclose(model(x), old(x), rtol=1e-4, atol=1e-4)
+    assert path.read_bytes() == before  # the user's file is read, never rewritten
+
+    path.write_bytes(b"PK\x03\x04 not a whole archive")
+    with pytest.raises(RunDirError, match="cannot load the Keras model"):
+        loading._load_keras_file(config, str(path))
