@@ -594,6 +594,9 @@ class RuntimeConfig:
     # auto: mixed precision only where the hardware runs it natively (segnet/precision.py)
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16", "auto"] = "float32"
     jit_compile: bool = False  # XLA: slower for 3D convolutions on CPU, often faster on GPU
+    # XLA for the loss and batch counts alone, when the step is not compiled: fuses their
+    # element-wise passes over the logits (the bf16 64^3 step on the AMX Xeon 0.44 -> 0.40 s)
+    jit_compile_loss: bool = True
     sync_batchnorm: bool = False  # synchronise BatchNorm statistics across replicas
     log_every_steps: int = 10  # TensorBoard scalar cadence
 

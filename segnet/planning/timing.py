@@ -74,6 +74,7 @@ def step_for(config: ExperimentConfig, precision: str, batch: tuple) -> Callable
         num_classes=config.data.num_classes,
         clip_norm=config.optimizer.clip_norm,
         jit_compile=config.runtime.jit_compile,
+        jit_compile_loss=config.runtime.jit_compile_loss,
     )
     stop = tf.constant(0.0)
     return lambda: train_step(batch, stop).loss

@@ -67,6 +67,7 @@ def make_train_step(
     num_classes: int,
     clip_norm: float | None,
     jit_compile: bool = False,
+    jit_compile_loss: bool = True,
     average: WeightAverage | None = None,
 ) -> Callable[[Batch, tf.Tensor], StepOutput]:
     """``step(batch, stop) -> StepOutput``: one optimizer update on a distributed batch.
@@ -79,6 +80,9 @@ def make_train_step(
         num_classes: classes, background included.
         clip_norm: global gradient norm limit (None: no clipping).
         jit_compile: compile the per-replica step with XLA.
+        jit_compile_loss: compile the loss and the batch's confusion counts with XLA when the
+            step is not compiled: element-wise work and reductions over the logits, which XLA
+            fuses into a few passes (the convolutions stay on oneDNN).
         average: the weight averages to update after each update (None: no averaging).
 
     Returns:
@@ -89,11 +93,18 @@ def make_train_step(
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     variables = model.trainable_variables
 
+    def loss_and_counts(labels: tf.Tensor, outputs: Any) -> tuple:
+        main = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+        return loss_fn(labels, outputs), confusion_counts(labels, main, num_classes)
+
+    if jit_compile_loss and not jit_compile:
+        loss_and_counts = tf.function(loss_and_counts, jit_compile=True, reduce_retracing=True)
+
     @tf.function(jit_compile=jit_compile, reduce_retracing=True)
     def replica_step(images: tf.Tensor, labels: tf.Tensor, stop: tf.Tensor) -> tuple:
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)
-            loss = loss_fn(labels, outputs)
+            loss, counts = loss_and_counts(labels, outputs)
             # The replicas' gradients are summed, so each contributes its share of the mean.
             objective = loss / replicas
             if scaled:
@@ -109,10 +120,9 @@ def make_train_step(
             # replica hands over its share (exact for powers of two).
             grads = [g / replicas for g in grads]
         optimizer.apply(grads, variables)
-        main = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
         # An input returned unchanged would leave the function as the same tensor on every
         # replica, which the strategy cannot reduce: identity makes it a per-replica value.
-        return loss, confusion_counts(labels, main, num_classes), norm, tf.identity(stop)
+        return loss, counts, norm, tf.identity(stop)
 
     @tf.function
     def step(batch: Batch, stop: tf.Tensor) -> StepOutput:

@@ -333,6 +333,7 @@ class _Session:
             num_classes=config.data.num_classes,
             clip_norm=config.optimizer.clip_norm,
             jit_compile=config.runtime.jit_compile,
+            jit_compile_loss=config.runtime.jit_compile_loss,
             average=self.average,
         )
         self.predict_fn = make_predict_fn(self.model)

@@ -44,6 +44,7 @@ def _step(
     model: keras.Model,
     *overrides: str,
     jit_compile: bool = False,
+    jit_compile_loss: bool = True,
     average: WeightAverage | None = None,
 ):
     config = build_config(
@@ -60,6 +61,7 @@ def _step(
         num_classes=NUM_CLASSES,
         clip_norm=config.optimizer.clip_norm,
         jit_compile=jit_compile,
+        jit_compile_loss=jit_compile_loss,
         average=average,
     )
     return step, optimizer
@@ -84,6 +86,22 @@ def test_one_step_updates_weights_and_reports_counts(policy: str | None, jit_com
     assert all(
         not np.array_equal(a, np.asarray(b)) for a, b in zip(before, model.trainable_variables)
     )
+
+
+@pytest.mark.parametrize("policy", [None, "mixed_bfloat16"])
+def test_the_xla_compiled_loss_steps_like_the_plain_one(policy: str | None) -> None:
+    results = []
+    for jit_compile_loss in (False, True):
+        model = _model(policy)  # the same seed: the same initial weights
+        step, _ = _step(model, "loss.name=dice_ce", jit_compile_loss=jit_compile_loss)
+        out = step(_batch(), tf.constant(0.0))
+        results.append((out, [np.asarray(v) for v in model.trainable_variables]))
+    (plain, plain_weights), (compiled, compiled_weights) = results
+    np.testing.assert_allclose(float(compiled.loss), float(plain.loss), rtol=1e-5)
+    np.testing.assert_allclose(float(compiled.grad_norm), float(plain.grad_norm), rtol=1e-4)
+    np.testing.assert_array_equal(compiled.counts, plain.counts)
+    for a, b in zip(compiled_weights, plain_weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", [None, "mixed_bfloat16", "mixed_float16"])
