@@ -270,3 +270,14 @@ def snapshot(path: Path, skip: Callable[[str], bool] = lambda rel: False) -> dic
         for rel, p in files.items()
         if not skip(rel)
     }
+
+
+def without_relu(keras_layer: Any) -> Any:
+    """A Keras normalisation layer class as a factory taking segnet's ``relu`` argument, which
+    must be False: how segnet built its layers before the ReLU was fused into them."""
+
+    def make(*args: Any, relu: bool = False, **kwargs: Any) -> Any:
+        assert relu is False
+        return keras_layer(*args, **kwargs)
+
+    return make

@@ -28,6 +28,7 @@ _DROPOUT = {2: keras.layers.SpatialDropout2D, 3: keras.layers.SpatialDropout3D}
 Size = int | Sequence[int]  # one value for every spatial axis, or one per axis
 
 NORMS: tuple[str, ...] = typing.get_args(Norm)  # the choices of model.<name>.norm
+FUSES_RELU = ("batch", "instance")  # norms whose layer can apply the ReLU that follows it
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
 
 
@@ -78,17 +79,23 @@ def conv(
     )
 
 
-def normalization(kind: str, channels: int, groups: int, name: str) -> keras.layers.Layer | None:
+def normalization(
+    kind: str, channels: int, groups: int, name: str, relu: bool = False
+) -> keras.layers.Layer | None:
     """The normalisation layer for ``kind`` over the last axis, or None for ``"none"``.
+
+    ``relu``: the layer applies a ReLU to its output (``batch`` and ``instance`` only).
 
     Raises:
         ValueError: ``kind`` is not one of ``NORMS``.
     """
+    if relu and kind not in FUSES_RELU:
+        raise ValueError(f"norm {kind!r} cannot apply the ReLU; only {FUSES_RELU} do")
     if kind == "batch":
-        return FusedBatchNormalization(name=name)
+        return FusedBatchNormalization(relu=relu, name=name)
     if kind == "instance":
         # One group per channel normalises each channel of each sample over space alone.
-        return GroupNormalization(groups=channels, name=name)
+        return GroupNormalization(groups=channels, relu=relu, name=name)
     if kind == "group":
         # Capped widths (max_filters) need not divide by the configured group count.
         return GroupNormalization(groups=math.gcd(groups, channels), name=name)
@@ -136,9 +143,12 @@ def conv_block(
     Returns:
         ``(batch, *spatial, last_filters or filters)``, same spatial size.
     """
+    # oneDNN fuses a ReLU into the batch-norm kernel when it follows it directly, and only the
+    # normalisation layer sees that tensor before it is reshaped back (see its call).
+    fused_relu = spec.activation == "relu" and spec.norm in FUSES_RELU
     for i in range(spec.convs):
         width = last_filters if last_filters and i == spec.convs - 1 else filters
-        norm = normalization(spec.norm, width, spec.groups, f"{name}_norm{i}")
+        norm = normalization(spec.norm, width, spec.groups, f"{name}_norm{i}", relu=fused_relu)
         # A bias before a normalisation that re-centres is redundant.
         x = conv(
             width,
@@ -149,7 +159,12 @@ def conv_block(
         )(x)
         if norm is not None:
             x = norm(x)
-        x = activation(spec.activation, f"{name}_act{i}")(x)
+        if fused_relu:
+            # The ReLU ran in the norm. The identity holds its place: checkpoints key layers
+            # by position, so runs saved with a separate ReLU layer still restore.
+            x = keras.layers.Identity(name=f"{name}_act{i}")(x)
+        else:
+            x = activation(spec.activation, f"{name}_act{i}")(x)
     if spec.dropout > 0:
         x = _DROPOUT[spec.spatial_dims](spec.dropout, name=f"{name}_dropout")(x)
     return x
@@ -262,7 +277,18 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     files hold the same weights; a synchronised (``runtime.sync_batchnorm``), masked or
     renormalising layer, one over another axis than the last, or another Keras backend falls
     back to Keras's code.
+
+    With ``relu=True`` the layer applies a ReLU to its output, on the 4D tensor straight from
+    the kernel, where TensorFlow's graph optimiser fuses the two into one oneDNN primitive
+    (``_MklFusedBatchNormEx``) and skips a pass over the activations.
     """
+
+    def __init__(self, *args: Any, relu: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu = relu
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "relu": self.relu}
 
     def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
         rank = len(inputs.shape)
@@ -274,7 +300,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             or self.axis not in (-1, rank - 1)
             or rank not in (4, 5)
         ):
-            return super().call(inputs, training=training, mask=mask)
+            y = super().call(inputs, training=training, mask=mask)
+            return ops.relu(y) if self.relu else y
         import tensorflow as tf  # the TensorFlow backend's own kernel, as in argmax_pooling
 
         # TensorFlow hands only 4D batch norm to oneDNN; statistics are per channel, so
@@ -303,6 +330,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
                 variance=tf.convert_to_tensor(self.moving_variance), epsilon=self.epsilon,
                 is_training=False, data_format=data_format,
             )[0]  # fmt: skip
+        if self.relu:
+            y = tf.nn.relu(y)
         return ops.cast(tf.reshape(y, shape), self.compute_dtype)
 
     def _affine(self, channels: int) -> tuple[Any, Any]:
@@ -330,7 +359,17 @@ class GroupNormalization(keras.layers.GroupNormalization):
     The class keeps Keras's name on purpose: a ``.keras`` file keys each layer's weights by its
     class name, so models exported before this layer existed load into it unchanged. The
     variables and the config are Keras's too, and so are checkpoints.
+
+    ``relu=True`` applies a ReLU to the output, fused into the kernel as in
+    ``FusedBatchNormalization``.
     """
+
+    def __init__(self, *args: Any, relu: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu = relu
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "relu": self.relu}
 
     def call(self, inputs: Any) -> Any:
         rank = len(inputs.shape)
@@ -340,7 +379,8 @@ class GroupNormalization(keras.layers.GroupNormalization):
             or self.axis not in (-1, rank - 1)
             or rank not in (4, 5)
         ):
-            return super().call(inputs)
+            y = super().call(inputs)
+            return ops.relu(y) if self.relu else y
         import tensorflow as tf  # the TensorFlow backend's own kernel, as in argmax_pooling
 
         channels = inputs.shape[-1]
@@ -354,6 +394,8 @@ class GroupNormalization(keras.layers.GroupNormalization):
                 x=x, scale=scale, offset=offset, mean=tf.zeros([0]), variance=tf.zeros([0]),
                 epsilon=self.epsilon, is_training=True, data_format="NHWC",
             )[0]  # fmt: skip
+            if self.relu:
+                y = tf.nn.relu(y)
             return y if rank == 5 else y[0]
 
         if inputs.shape[0] is not None:  # training: a fixed batch, unrolled

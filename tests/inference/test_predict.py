@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
+from helpers import without_relu
 from scipy import ndimage
 
 from segnet.cli import predict_main
@@ -592,7 +593,10 @@ def test_an_export_from_before_the_fused_batch_norm_still_loads(tmp_path: Path, 
 
     config = build_config({"model": {"segnet": {"depth": 2, "filters": 4}}})  # norm: batch
     with monkeypatch.context() as patch:
-        patch.setattr(blocks, "FusedBatchNormalization", keras.layers.BatchNormalization)
+        patch.setattr(blocks, "FUSES_RELU", ())  # and its ReLU was a layer of its own
+        patch.setattr(
+            blocks, "FusedBatchNormalization", without_relu(keras.layers.BatchNormalization)
+        )
         old = build_model(config)
     for variable in old.weights:
         variable.assign(

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import without_relu
 
 from segnet.models.blocks import FusedBatchNormalization
 from segnet.precision import precision_policy
@@ -82,7 +83,10 @@ def test_checkpoints_of_keras_batch_norm_restore_into_the_fused_layer(tmp_path, 
 
     config = build_config({"model": {"segnet": {"depth": 2, "filters": 4}}})  # norm: batch
     with monkeypatch.context() as patch:  # a model as segnet built it before the fused layer
-        patch.setattr(blocks, "FusedBatchNormalization", keras.layers.BatchNormalization)
+        patch.setattr(blocks, "FUSES_RELU", ())
+        patch.setattr(
+            blocks, "FusedBatchNormalization", without_relu(keras.layers.BatchNormalization)
+        )
         old = build_model(config)
     assert not any(isinstance(layer, FusedBatchNormalization) for layer in old.layers)
     for variable in old.non_trainable_weights:  # moving statistics worth restoring

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import without_relu
 
 from segnet.models.blocks import GroupNormalization
 from segnet.precision import precision_policy
@@ -100,7 +101,8 @@ def test_models_saved_with_keras_group_norm_restore_into_the_fused_layer(tmp_pat
     config = build_config({"model": {"name": "unet3d", "unet3d": {"depth": 2, "filters": 4}}})
     assert config.model.unet3d.norm == "instance"
     with monkeypatch.context() as patch:  # a model as segnet built it before the fused layer
-        patch.setattr(blocks, "GroupNormalization", keras.layers.GroupNormalization)
+        patch.setattr(blocks, "FUSES_RELU", ())
+        patch.setattr(blocks, "GroupNormalization", without_relu(keras.layers.GroupNormalization))
         old = build_model(config)
     assert not any(isinstance(layer, GroupNormalization) for layer in old.layers)
     for variable in old.trainable_weights:
@@ -119,3 +121,61 @@ def test_models_saved_with_keras_group_norm_restore_into_the_fused_layer(tmp_pat
     reloaded = keras.saving.load_model(tmp_path / "new.keras", compile=False)
     assert any(isinstance(layer, GroupNormalization) for layer in reloaded.layers)
     np.testing.assert_allclose(reloaded(x), new(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_kind", ["batch", "instance"])
+def test_the_fused_relu_is_relu_of_the_normalised_output(layer_kind):
+    from segnet.models.blocks import FusedBatchNormalization
+
+    shape = (2, 5, 6, 4, 3)
+    x = tf.random.stateless_normal(shape, seed=(9, 10))
+    upstream = tf.random.stateless_normal(shape, seed=(11, 12))
+    results = []
+    for relu in (False, True):
+        if layer_kind == "batch":
+            layer = FusedBatchNormalization(relu=relu)
+        else:
+            layer = GroupNormalization(groups=shape[-1], relu=relu)
+        layer.build(shape)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            if not relu:
+                y = tf.nn.relu(y)
+            loss = tf.reduce_sum(y * upstream)
+        results.append((y, tape.gradient(loss, [x, *layer.trainable_weights])))
+        assert layer.get_config()["relu"] is relu
+    (y, grads), (y_fused, grads_fused) = results
+    assert float(tf.reduce_min(y_fused)) == 0.0 and float(tf.reduce_max(y_fused)) > 0
+    np.testing.assert_allclose(y_fused, y, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads_fused, grads, strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["segnet", "unet3d"])
+def test_runs_saved_with_a_separate_relu_layer_restore_into_the_fused_one(
+    tmp_path, monkeypatch, model_name
+):
+    from segnet.checkpoint_files import model_objects
+    from segnet.config import build_config
+    from segnet.models import blocks
+    from segnet.models.registry import build_model
+
+    settings = {"depth": 2, "filters": 4, "norm": "instance", "activation": "relu"}
+    config = build_config({"model": {"name": model_name, model_name: settings}})
+    with monkeypatch.context() as patch:  # the model as segnet built it before the fusion
+        patch.setattr(blocks, "FUSES_RELU", ())
+        old = build_model(config)
+    new = build_model(config)
+    assert [layer.name for layer in new.layers] == [layer.name for layer in old.layers]
+    assert any(isinstance(layer, keras.layers.ReLU) for layer in old.layers)
+    assert not any(isinstance(layer, keras.layers.ReLU) for layer in new.layers)
+    for variable in old.trainable_weights:
+        variable.assign(tf.random.stateless_uniform(variable.shape, (1, 2), 0.5, 2.0))
+    path = tf.train.Checkpoint(**model_objects(old)).save(str(tmp_path / "ckpt"))
+    tf.train.Checkpoint(**model_objects(new)).restore(path).assert_existing_objects_matched()
+    x = tf.random.stateless_normal((2, 16, 16, 16, 1), seed=(7, 8))
+    np.testing.assert_allclose(new(x), old(x), rtol=1e-4, atol=1e-4)
+    old.save(tmp_path / "old.keras")  # an export of the old structure loads into the new one
+    reloaded = keras.saving.load_model(tmp_path / "old.keras", compile=False)
+    np.testing.assert_allclose(reloaded(x), old(x), rtol=1e-4, atol=1e-4)
