@@ -20,26 +20,25 @@ from pathlib import Path
 sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # run from a checkout, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_precision, beside this file
 
 import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
 
 # isort: split
 import argparse
 import os
-import time
 from collections.abc import Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
+from bench_precision import time_interleaved
 
 from segnet import _tf_env
 from segnet.models.blocks import FusedBatchNormalization, GroupNormalization
 from segnet.planning.timing import cpu_model
-from segnet.precision import NATIVE_BF16_CPU_FLAGS, precision_policy, read_cpu_flags
+from segnet.precision import choose_precision, precision_policy
 
 SHAPES = {"2 x 64^3 x 16": (2, 64, 64, 64, 16), "2 x 40x56x40 x 16": (2, 40, 56, 40, 16)}
-WARMUP = 3
 
 
 def pass_of(layer: keras.layers.Layer, x: tf.Tensor) -> Callable[[], tf.Tensor]:
@@ -68,32 +67,16 @@ def pairs(channels: int) -> dict[str, tuple[Callable[[], keras.layers.Layer], ..
     }
 
 
-def time_pair(
-    ours: Callable[[], tf.Tensor], theirs: Callable[[], tf.Tensor], repeats: int
-) -> tuple[float, ...]:
-    """Median milliseconds of each, taking turns."""
-    for run in (ours, theirs):
-        for _ in range(WARMUP):
-            run().numpy()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for run, seconds in zip((ours, theirs), times):
-            start = time.perf_counter()
-            run().numpy()  # .numpy() waits for the result
-            seconds.append(time.perf_counter() - start)
-    return tuple(1000 * float(np.median(s)) for s in times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed passes (median)")
     args = parser.parse_args()
-    bf16 = bool(set(NATIVE_BF16_CPU_FLAGS) & read_cpu_flags())
+    bf16 = choose_precision("auto").name == "mixed_bfloat16"  # where it runs natively
     policies = ["float32", "mixed_bfloat16"] if bf16 else ["float32"]
     print(f"{cpu_model()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}; "
           f"{_tf_env.onednn_status()}")  # fmt: skip
     if not bf16:
-        print("no native bfloat16 on this CPU: float32 only")
+        print("no native bfloat16 here: float32 only")
     print(f"median of {args.repeats}, forward + backward\n")
     print("| layer | shape | precision | Keras ms | segnet ms | Keras / segnet |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -108,7 +91,10 @@ def main() -> None:
             for name, (mine, keras_own) in layers.items():
                 for layer in (mine, keras_own):
                     layer.build(shape)
-                ours_ms, keras_ms = time_pair(pass_of(mine, x), pass_of(keras_own, x), args.repeats)
+                seconds = time_interleaved(
+                    {"segnet": pass_of(mine, x), "keras": pass_of(keras_own, x)}, args.repeats
+                )
+                ours_ms, keras_ms = 1000 * seconds["segnet"], 1000 * seconds["keras"]
                 print(f"| {name} | {shape_name} | {policy.removeprefix('mixed_')} | "
                       f"{keras_ms:.2f} | {ours_ms:.2f} | {keras_ms / ours_ms:.2f}x |")  # fmt: skip
 

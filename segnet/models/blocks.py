@@ -263,8 +263,35 @@ def _stored(size: Size) -> int | list[int]:
     return size if isinstance(size, int) else [int(v) for v in size]
 
 
+class _OptionalRelu:
+    """Mixin for segnet's normalisation layers: a ``relu`` option, kept in the config, for a
+    ReLU applied to the layer's output (by the fused kernel's path in ``call``)."""
+
+    def __init__(self, *args: Any, relu: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu = relu
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "relu": self.relu}  # type: ignore[misc]
+
+    def keras_call(self, inputs: Any, **kwargs: Any) -> Any:
+        """Keras's own code for the layer, then the ReLU if asked for."""
+        y = super().call(inputs, **kwargs)  # type: ignore[misc]
+        return ops.relu(y) if self.relu else y
+
+
+def _scale_and_offset(layer: keras.layers.Layer, channels: int) -> tuple[Any, Any]:
+    """A normalisation layer's gamma and beta as float32 tensors (ones and zeros where its
+    ``scale`` or ``center`` is off), as TensorFlow's fused kernel takes them."""
+    import tensorflow as tf
+
+    scale = tf.convert_to_tensor(layer.gamma) if layer.scale else tf.ones([channels])
+    offset = tf.convert_to_tensor(layer.beta) if layer.center else tf.zeros([channels])
+    return scale, offset
+
+
 @keras.saving.register_keras_serializable(package="segnet")
-class FusedBatchNormalization(keras.layers.BatchNormalization):
+class FusedBatchNormalization(_OptionalRelu, keras.layers.BatchNormalization):
     """Keras's BatchNormalization computed by TensorFlow's fused kernel (``FusedBatchNormV3``).
 
     Keras normalises with a chain of element-wise ops on a float32 copy of the input; the fused
@@ -281,13 +308,6 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     (``_MklFusedBatchNormEx``) and skips a pass over the activations.
     """
 
-    def __init__(self, *args: Any, relu: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.relu = relu
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "relu": self.relu}
-
     def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
         rank = len(inputs.shape)
         if (
@@ -298,8 +318,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             or self.axis not in (-1, rank - 1)
             or rank not in (4, 5)
         ):
-            y = super().call(inputs, training=training, mask=mask)
-            return ops.relu(y) if self.relu else y
+            return self.keras_call(inputs, training=training, mask=mask)
         import tensorflow as tf  # the TensorFlow backend's own kernel, as in argmax_pooling
 
         # TensorFlow hands only 4D batch norm to oneDNN; statistics are per channel, so
@@ -307,7 +326,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         shape = tf.shape(inputs)
         x = tf.reshape(inputs, [-1, shape[-3], shape[-2], shape[-1]]) if rank == 5 else inputs
         data_format = "NHWC"
-        scale, offset = self._affine(inputs.shape[-1])
+        scale, offset = _scale_and_offset(self, inputs.shape[-1])
         if training and self.trainable:
             y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
                 x=x, scale=scale, offset=offset, mean=tf.zeros([0]),
@@ -332,17 +351,9 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             y = tf.nn.relu(y)
         return ops.cast(tf.reshape(y, shape), self.compute_dtype)
 
-    def _affine(self, channels: int) -> tuple[Any, Any]:
-        """gamma and beta as float32 tensors (ones and zeros where switched off)."""
-        import tensorflow as tf
-
-        scale = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
-        offset = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
-        return scale, offset
-
 
 @keras.saving.register_keras_serializable(package="segnet")
-class GroupNormalization(keras.layers.GroupNormalization):
+class GroupNormalization(_OptionalRelu, keras.layers.GroupNormalization):
     """Keras's GroupNormalization, computed by TensorFlow's fused batch-norm kernel when there is
     one group per channel (instance normalisation).
 
@@ -362,13 +373,6 @@ class GroupNormalization(keras.layers.GroupNormalization):
     ``FusedBatchNormalization``.
     """
 
-    def __init__(self, *args: Any, relu: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.relu = relu
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "relu": self.relu}
-
     def call(self, inputs: Any) -> Any:
         rank = len(inputs.shape)
         if (
@@ -377,13 +381,10 @@ class GroupNormalization(keras.layers.GroupNormalization):
             or self.axis not in (-1, rank - 1)
             or rank not in (4, 5)
         ):
-            y = super().call(inputs)
-            return ops.relu(y) if self.relu else y
+            return self.keras_call(inputs)
         import tensorflow as tf  # the TensorFlow backend's own kernel, as in argmax_pooling
 
-        channels = inputs.shape[-1]
-        scale = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
-        offset = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
+        scale, offset = _scale_and_offset(self, inputs.shape[-1])
 
         def normalise(sample: Any) -> Any:
             # A 3D sample (D, H, W, C) is already the 4D input oneDNN takes; 2D gets a batch of 1.
