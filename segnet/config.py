@@ -568,7 +568,9 @@ class EvaluationConfig:
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     mirror_axes: tuple[int, ...] = ()  # test-time mirroring over these spatial axes
     accumulate_on_cpu: bool = False  # bound accelerator memory on very large volumes
-    keep_largest_component: bool = False  # per class post-processing
+    # post-processing: keep only the largest connected piece of each foreground class (true), or
+    # of the classes listed (segnet-plan lists those that are one piece in every training label)
+    keep_largest_component: bool | tuple[int, ...] = False
     nsd_tolerance_mm: float = 1.0  # normalised surface Dice tolerance
     save_probabilities: bool = False  # also write a probability map per case
     montage: bool = True  # PNG montage per case
@@ -671,6 +673,18 @@ class ExperimentConfig:
                     f"got {len(per_channel)}",
                 )
             )
+        largest = self.evaluation.keep_largest_component
+        if not isinstance(largest, bool):
+            outside = [k for k in largest if not 1 <= k < self.data.num_classes]
+            if outside:
+                problems.append(
+                    (
+                        "evaluation.keep_largest_component",
+                        f"lists {outside}, not foreground classes (1 to {self.data.num_classes - 1}"
+                        " with data.num_classes "
+                        f"{self.data.num_classes}); list foreground labels, or true for all",
+                    )
+                )
         weights = self.loss.class_weights
         if weights is not None and len(weights) != self.data.num_classes:
             problems.append(

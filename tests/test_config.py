@@ -82,6 +82,14 @@ def test_shipped_configs_open_with_a_comment_block():
             {"loss": {"class_weights": [1.0, 2.0]}},
             "loss.class_weights: needs 4 values (data.num_classes), got 2",
         ),
+        (
+            {"evaluation": {"keep_largest_component": [1, 0, 4]}},
+            "evaluation.keep_largest_component: lists [0, 4], not foreground classes (1 to 3",
+        ),
+        (
+            {"evaluation": {"keep_largest_component": "yes"}},
+            "evaluation.keep_largest_component: expected true/false, got 'yes'",
+        ),
     ],
 )
 def test_each_mistake_names_its_dotted_path(data: dict, expected: str):
@@ -440,3 +448,10 @@ def test_name_must_be_a_plain_folder_name(name: str, why: str):
 @pytest.mark.parametrize("name", ["a", "my experiment", "run.v2", "x" * 128, "ünïcode"])
 def test_plain_folder_names_are_accepted(name: str):
     assert build_config({"name": name}).name == name
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("true", True), ("false", False), ("[1,3]", (1, 3))])
+def test_keep_largest_component_takes_a_switch_or_classes(value: str, parsed: object):
+    config = build_config({}, [f"evaluation.keep_largest_component={value}"])
+    assert config.evaluation.keep_largest_component == parsed
+    assert build_config(config_to_dict(config)) == config

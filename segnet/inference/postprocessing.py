@@ -55,6 +55,29 @@ def keep_largest_component(
     return cleaned
 
 
+def pieces_per_class(labels: np.ndarray, connectivity: Literal[6, 18, 26] = 26) -> dict[int, int]:
+    """How many connected pieces each foreground class present in ``labels`` forms.
+
+    The same connectivity as :func:`keep_largest_component`, so a class in one piece here is a
+    class that post-processing leaves untouched in a perfect prediction. Each class is labelled
+    within its own bounding box, which keeps this cheap on large volumes.
+
+    Args:
+        labels: (depth, height, width) integer label map.
+        connectivity: 6, 18 or 26 neighbours.
+
+    Returns:
+        ``{class: pieces}`` for every foreground class present.
+    """
+    structure = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[connectivity])
+    boxes = ndimage.find_objects(np.asarray(labels, np.int64).clip(0))
+    return {
+        label: ndimage.label(labels[box] == label, structure=structure)[1]
+        for label, box in enumerate(boxes, start=1)
+        if box is not None
+    }
+
+
 def _outside_largest(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     """The voxels of ``mask`` outside its largest connected component."""
     components, count = ndimage.label(mask, structure=structure)

@@ -133,8 +133,10 @@ class Predictor:
         if self.largest_component_classes is not None:  # a cross-validation's measured choice
             if self.largest_component_classes:
                 labels = keep_largest_component(labels, self.largest_component_classes)
-        elif self.config.evaluation.keep_largest_component:
+        elif (chosen := self.config.evaluation.keep_largest_component) is True:
             labels = keep_largest_component(labels)
+        elif chosen:
+            labels = keep_largest_component(labels, chosen)
         return Segmentation(labels, probabilities if keep_probabilities else None)
 
     def probabilities(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:

@@ -3,7 +3,8 @@
 The dataset is described and checked exactly as training will (``describe_dataset``,
 ``check_cases``), so a plan is never written for data that cannot train. The layout, channel
 and class counts come from ``dataset.json`` where there is one, else from the files. Then each
-case contributes its spacing, shape, non-zero bounding box and class volumes, and the
+case contributes its spacing, shape, non-zero bounding box, class volumes and the number of
+connected pieces each class forms in its label, and the
 foreground intensity statistics per channel come from ``compute_fingerprint`` (the statistics
 ``normalization: ct`` uses at training time).
 """
@@ -33,6 +34,7 @@ from segnet.data.datasets import (
 from segnet.data.preprocessing import ChannelStats, compute_fingerprint, nonzero_bbox
 from segnet.data.volumes import read_channels, read_geometry, read_volume
 from segnet.errors import DataError, UserError
+from segnet.inference.postprocessing import pieces_per_class
 
 Int3 = tuple[int, int, int]
 Float3 = tuple[float, float, float]
@@ -55,11 +57,13 @@ class ClassStats:
         name: from ``dataset.json``, else ``class <value>``.
         cases: how many cases hold it.
         median_ml: median volume in millilitres over the cases that hold it (0 if none does).
+        one_piece: how many of those cases hold it as one connected piece (26-connected).
     """
 
     name: str
     cases: int
     median_ml: float
+    one_piece: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class _CaseFacts:
     shape: Int3
     cropped_shape: Int3
     class_ml: dict[int, float]
+    pieces: dict[int, int]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,13 +197,15 @@ def _case_facts(case: CaseFiles, num_classes: int) -> _CaseFacts:
     box = nonzero_bbox(image)
     voxel_ml = math.prod(geometry.spacing) / 1000.0
     label, _ = read_volume(case.label) if case.label is not None else (np.zeros(0), None)
-    counts = np.bincount(np.asarray(label, np.int64).ravel(), minlength=num_classes)
+    label = np.asarray(label, np.int64)
+    counts = np.bincount(label.ravel(), minlength=num_classes)
     a, b, c = (stop - start for start, stop in box)
     return _CaseFacts(
         geometry.spacing,
         geometry.shape,
         (a, b, c),
         {k: float(counts[k]) * voxel_ml for k in range(1, num_classes) if counts[k]},
+        pieces_per_class(label) if label.ndim == 3 else {},
     )
 
 
@@ -217,6 +224,7 @@ def _summarise(
             names.get(k, f"class {k}"),
             sum(k in f.class_ml for f in facts),
             float(np.median([f.class_ml[k] for f in facts if k in f.class_ml] or [0.0])),
+            sum(f.pieces.get(k) == 1 for f in facts),
         )
         for k in range(1, data.num_classes)
     )

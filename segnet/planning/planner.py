@@ -187,6 +187,7 @@ def plan_tree(fp: Fingerprint, model: Model, sizing: rules.Sizing) -> Tree:
                 [a for a in range(3) if a != net.slice_axis],
                 "test-time mirroring over every axis the network sees (8 passes per window)",
             ),
+            "keep_largest_component": rules.largest_component(fp),
         },
         "runtime": {"precision": Choice("auto", "mixed precision where the hardware runs it")},
     }
@@ -318,7 +319,7 @@ def fingerprint_lines(fp: Fingerprint) -> list[str]:
     for k, cls in enumerate(fp.classes, start=1):
         lines.append(
             f"  class {k} ({cls.name}): in {cls.cases} of {fp.num_cases} cases, median volume "
-            f"{cls.median_ml:.3g} mL"
+            f"{cls.median_ml:.3g} mL, one connected piece in {cls.one_piece} of them"
         )
     return lines
 

@@ -10,7 +10,10 @@ which the planner prints and writes above the key in the YAML. The rules follow 
 * topology: pool an axis only while its spacing is within 2x of the finest and it still has
   ``MIN_POOL_SIZE`` voxels; its kernel is 1 until its spacing is within 2x of the finest;
 * patch: the aspect ratio of the median (resampled) case, within ``PATCH_VOXELS``;
-* 2D: an axis with fewer than ``MIN_3D`` voxels is a slice axis (kernel 1, patch 1 along it).
+* 2D: an axis with fewer than ``MIN_3D`` voxels is a slice axis (kernel 1, patch 1 along it);
+* post-processing: keep only the largest connected piece of a class that is one piece in every
+  label that holds it. nnU-Net measures this choice by cross-validation after training; the
+  planner, before any training, asks the labels whether a second piece can ever be right.
 """
 
 from __future__ import annotations
@@ -238,6 +241,30 @@ def crop_to_nonzero(fp: Fingerprint) -> Choice:
         False,
         f"the non-zero region fills a median {share:.0%} of a case: cropping would save "
         "little, so keep the grid and z-score over all of it",
+    )
+
+
+def largest_component(fp: Fingerprint) -> Choice:
+    """``evaluation.keep_largest_component``: the classes that are one piece in every label.
+
+    Such a structure (a ventricle, an organ) has no second piece to lose, so a prediction's
+    stray islands of it can only be errors; a class that some label holds in several pieces
+    (a split structure, lesions) is left as predicted.
+    """
+    whole = [k for k, c in enumerate(fp.classes, start=1) if c.cases and c.one_piece == c.cases]
+    split = [
+        f"{c.name} {c.cases - c.one_piece} of {c.cases}"
+        for c in fp.classes
+        if c.one_piece < c.cases
+    ]
+    several = f"several pieces in some labels: {', '.join(split)}" if split else ""
+    if not whole:
+        return Choice(False, f"no class is one piece in every label ({several}): none")
+    names = ", ".join(fp.class_names[k] for k in whole)
+    return Choice(
+        whole,
+        f"{names}: one connected piece in every label, so predictions keep only the largest "
+        f"piece{f' ({several})' if split else ''}; a cross-validation measures it (README)",
     )
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segnet.inference.postprocessing import choose_largest_component_classes, keep_largest_component
+from segnet.inference.postprocessing import (
+    choose_largest_component_classes,
+    keep_largest_component,
+    pieces_per_class,
+)
 
 SHAPE = (17, 18, 19)
 
@@ -124,3 +128,16 @@ def test_the_largest_component_is_chosen_where_it_helps_and_not_where_it_hurts()
     assert choice[1]["dice_with"] == pytest.approx(1.0) and choice[1]["chosen"] is True
     assert choice[2]["dice_with"] == pytest.approx(128 / 155) and choice[2]["chosen"] is False
     assert choice[3] == {"dice_without": 0.0, "dice_with": 0.0, "cases": 0, "chosen": False}
+
+
+@pytest.mark.parametrize(("connectivity", "corner_pieces"), [(26, 1), (18, 2), (6, 2)])
+def test_pieces_per_class_counts_by_hand(connectivity, corner_pieces):
+    # class 1: two separate blobs; class 2: one blob; class 3: two voxels touching at a corner
+    labels = _labels(BIG_1, SMALL_1, BIG_2, (3, np.s_[14, 10, 5]), (3, np.s_[15, 11, 6]))
+    assert pieces_per_class(labels, connectivity) == {1: 2, 2: 1, 3: corner_pieces}
+
+
+def test_pieces_per_class_of_an_empty_map_and_of_a_class_cut_by_another():
+    assert pieces_per_class(np.zeros(SHAPE, np.uint8)) == {}
+    labels = _labels((1, np.s_[2:12, 2:12, 2:12]), (2, np.s_[6:7, :, :]))  # a wall of 2 cuts 1
+    assert pieces_per_class(labels) == {1: 2, 2: 1}

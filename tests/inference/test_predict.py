@@ -176,7 +176,7 @@ def test_keep_largest_component_removes_the_stray_blob(tmp_path: Path):
     image, label = phantom()
     image[14, 15, 2:4] = 2.0  # a stray two-voxel island of class 1, inside the body
     geometry = make_geometry(np.eye(4), SHAPE)
-    for keep, expected_island in ((False, 1), (True, 0)):
+    for keep, expected_island in ((False, 1), (True, 0), ([1], 0), ([2], 1)):
         config = make_config(evaluation={"keep_largest_component": keep})
         labels = Predictor(config, None, oracle).segment(image[..., None], geometry).labels
         assert labels[14, 15, 2] == expected_island

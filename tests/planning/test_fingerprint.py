@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from segnet.data.synthetic import SyntheticSpec, write_synthetic_dataset
-from segnet.data.volumes import read_volume
+from segnet.data.volumes import read_volume, write_volume
+from segnet.inference.postprocessing import pieces_per_class
 from segnet.planning.fingerprint import fingerprint_dataset
 
 
@@ -25,6 +26,21 @@ def test_fingerprint_of_a_synthetic_dataset(tiny_dataset: Path):
         volumes += [voxels / 1000.0] if voxels else []
     assert fp.classes[0].cases == len(volumes)
     assert np.isclose(fp.classes[0].median_ml, np.median(volumes))
+
+
+def test_fingerprint_counts_the_labels_in_one_piece(tmp_path: Path):
+    root = write_synthetic_dataset(
+        tmp_path / "pieces", SyntheticSpec(num_cases=4, shape=(20, 20, 20), num_folds=2)
+    )
+    labels = sorted((root / "labelsTr").glob("*.nii.gz"))
+    label, geometry = read_volume(labels[0])
+    label[0, 0, 0] = 1  # a second piece of class 1 in one case, far from the first
+    write_volume(labels[0], label.astype(np.uint8), geometry)
+    _, fp = fingerprint_dataset(root)
+    for k, stats in enumerate(fp.classes, start=1):
+        pieces = [pieces_per_class(read_volume(p)[0].astype(np.int64)).get(k) for p in labels]
+        assert stats.one_piece == sum(n == 1 for n in pieces)
+    assert fp.classes[0].one_piece < fp.classes[0].cases
 
 
 def test_an_anisotropic_dataset_shows_its_thick_axis(tmp_path: Path):

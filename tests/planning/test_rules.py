@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -223,3 +224,31 @@ def test_bad_budgets_are_user_errors(text: str):
 def assert_divisible(net: rules.Network) -> None:
     step = rules.divisor(net.pool_sizes)
     assert all(p % d == 0 for p, d in zip(net.patch_size, step)), (net.patch_size, step)
+
+
+def test_largest_component_only_for_classes_in_one_piece_in_every_label():
+    fp = replace(
+        isotropic(),
+        class_names=("background", "heart", "lesion", "absent"),
+        classes=(
+            ClassStats("heart", 20, 10.0, one_piece=20),
+            ClassStats("lesion", 12, 1.0, one_piece=9),
+            ClassStats("absent", 0, 0.0),
+        ),
+    )
+    choice = rules.largest_component(fp)
+    assert choice.value == [1]
+    assert "heart" in choice.reason and "lesion 3 of 12" in choice.reason
+
+
+def test_no_class_in_one_piece_everywhere_means_no_post_processing():
+    fp = replace(isotropic(), classes=(ClassStats("organ", 20, 10.0, one_piece=19),))
+    choice = rules.largest_component(fp)
+    assert choice.value is False and "organ 1 of 20" in choice.reason
+
+
+def test_a_plan_with_post_processing_passes_the_strict_checks():
+    fp = replace(isotropic(), classes=(ClassStats("organ", 20, 10.0, one_piece=20),))
+    tree = plan_tree(fp, "unet3d", rules.first_sizing(CPU))
+    config = build_config(plain(tree))
+    assert config.evaluation.keep_largest_component == (1,)
