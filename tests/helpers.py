@@ -125,6 +125,25 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_python(code: str, timeout: float = 300) -> str:
+    """Runs ``python -c CODE`` in a fresh interpreter (e.g. with its own TensorFlow device
+    setup); asserts it succeeded and returns its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def printed_values(stdout: str) -> dict[str, str]:
+    """The ``name value`` lines a child printed, as a mapping."""
+    return dict(line.split() for line in stdout.splitlines() if line.count(" ") == 1)
+
+
 def start(args: list[str], output: Path, **env: str) -> subprocess.Popen:
     """Starts ``python ARGS``, appending its stdout and stderr to ``output``."""
     with open(output, "ab") as sink:

@@ -9,12 +9,10 @@ process.
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 # package -> packages it must never import
@@ -54,12 +52,5 @@ def test_loading_a_predictor_does_not_load_the_trainer():
         "import segnet.inference.predict, segnet.inference.loading, segnet.evaluation.evaluate\n"
         "print(sorted(m for m in sys.modules if m.startswith('segnet.training')))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]", done.stdout
+    printed = run_python(code)
+    assert printed.strip() == "[]", printed

@@ -16,6 +16,7 @@ import math
 from typing import Any, Literal
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from segnet.config import ExperimentConfig
@@ -86,6 +87,35 @@ class WarmupDecaySchedule(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+@keras.saving.register_keras_serializable(package="segnet")
+class SGD(keras.optimizers.SGD):
+    """Keras's SGD (same variables, checkpoints and config) with a one-kernel momentum update.
+
+    Keras writes the momentum update as about ten element-wise operations per variable, each a
+    separate TensorFlow kernel and a pass over the variable. TensorFlow's
+    ``ResourceApplyKerasMomentum`` computes the same update, Nesterov or not, in one kernel:
+    ``m = momentum * m - lr * g``, then ``w += momentum * m - lr * g`` (Nesterov) or ``w += m``.
+    Sparse gradients and momentum 0 take Keras's own path.
+    """
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        if self.momentum == 0 or isinstance(gradient, tf.IndexedSlices):
+            super().update_step(gradient, variable, learning_rate)
+            return
+        momentum = self.momentums[self._get_variable_index(variable)]
+        # Under a distribution strategy this runs inside ``extended.update``: ``variable`` is
+        # this device's copy, and the mirrored momentum's handle resolves to this device's too.
+        weights = variable.value if isinstance(variable, keras.Variable) else variable
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=weights.handle,
+            accum=momentum.value.handle,
+            lr=tf.cast(learning_rate, weights.dtype),
+            grad=tf.cast(gradient, weights.dtype),
+            momentum=tf.cast(self.momentum, weights.dtype),
+            use_nesterov=self.nesterov,
+        )
+
+
 def build_schedule(config: ExperimentConfig) -> WarmupDecaySchedule:
     """The learning-rate schedule over ``train.epochs * train.steps_per_epoch`` updates."""
     opt = config.optimizer
@@ -108,7 +138,7 @@ def build_optimizer(config: ExperimentConfig) -> keras.optimizers.Optimizer:
     schedule = build_schedule(config)
     optimizer: keras.optimizers.Optimizer
     if opt.name == "sgd":
-        optimizer = keras.optimizers.SGD(
+        optimizer = SGD(
             learning_rate=schedule,
             momentum=opt.momentum,
             nesterov=opt.nesterov,

@@ -9,9 +9,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import printed_values, run_python
 
 from segnet.config import build_config
 from segnet.training.optimizers import (
+    SGD,
     WarmupDecaySchedule,
     build_optimizer,
     build_schedule,
@@ -108,3 +110,75 @@ def test_clip_by_global_norm(
 def test_clip_keeps_none_gradients() -> None:
     clipped, _ = clip_by_global_norm([tf.constant([3.0, 4.0]), None], 1.0)
     assert clipped[1] is None
+
+
+def _momentum_updates(optimizer: keras.optimizers.Optimizer, grads: list) -> np.ndarray:
+    weights = tf.Variable([1.0, -2.0, 0.5])
+    optimizer.build([weights])
+    for grad in grads:
+        optimizer.apply([tf.constant(grad)], [weights])
+    return weights.numpy()
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_fused_momentum_sgd_updates_like_keras_and_by_hand(nesterov: bool) -> None:
+    grads = [[0.5, -1.0, 2.0], [0.25, 3.0, -1.0], [-1.5, 0.5, 0.0]]
+    lr, mu = 0.1, 0.9
+    ours = _momentum_updates(SGD(lr, momentum=mu, nesterov=nesterov), grads)
+    keras_sgd = _momentum_updates(keras.optimizers.SGD(lr, momentum=mu, nesterov=nesterov), grads)
+    w, m = np.array([1.0, -2.0, 0.5]), np.zeros(3)
+    for g in np.asarray(grads):  # Keras's definition, written out
+        m = mu * m - lr * g
+        w = w + (mu * m - lr * g if nesterov else m)
+    np.testing.assert_allclose(ours, w, rtol=1e-6)
+    np.testing.assert_allclose(keras_sgd, w, rtol=1e-6)
+
+
+def test_sgd_without_momentum_takes_keras_path() -> None:
+    np.testing.assert_allclose(
+        _momentum_updates(SGD(0.5, momentum=0.0), [[1.0, 1.0, 1.0]]), [0.5, -2.5, 0.0]
+    )
+
+
+def test_build_optimizer_gives_the_fused_sgd_and_it_serialises() -> None:
+    built = build_optimizer(build_config({"optimizer": {"name": "sgd"}}))
+    assert type(built) is SGD
+    again = keras.optimizers.deserialize(keras.optimizers.serialize(built))
+    assert type(again) is SGD and again.get_config() == built.get_config()
+
+
+# Under a mirrored strategy the update runs once per device inside extended.update(), where
+# the fused kernel must find each device's copy of the weights and of the momentum.
+_MIRRORED_MOMENTUM = """
+import segnet
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from segnet.training.optimizers import SGD
+
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+results = []
+for make in (SGD, keras.optimizers.SGD):
+    with mirrored.scope():
+        v = tf.Variable([1.0, -2.0])
+        sgd = make(learning_rate=0.1, momentum=0.9, nesterov=True)
+        sgd.build([v])
+    update = tf.function(lambda: sgd.apply([tf.constant([0.5, -1.0])], [v]))
+    for _ in range(3):
+        mirrored.run(update)
+    results.append([c.numpy() for c in v.values])
+ours, reference = results
+print("devices", len(ours))
+print("max_diff", max(float(np.max(np.abs(a - b))) for a, b in zip(ours, reference)))
+print("moved", float(np.max(np.abs(ours[0] - np.array([1.0, -2.0])))))
+print("copies_differ", float(np.max(np.abs(ours[0] - ours[1]))))
+"""
+
+
+def test_fused_momentum_sgd_updates_every_mirrored_copy_like_keras() -> None:
+    found = printed_values(run_python(_MIRRORED_MOMENTUM))
+    assert int(found["devices"]) == 2
+    assert float(found["moved"]) > 0.1
+    assert float(found["max_diff"]) < 1e-6
+    assert float(found["copies_differ"]) == 0.0

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import printed_values, run_python
 
 from segnet.config import build_config
 from segnet.losses import build_loss
@@ -237,21 +238,7 @@ print("max_diff", max(float(np.max(np.abs(a - b))) for a, b in zip(one, two)))
 
 
 def test_two_replicas_step_like_one_device_and_keras_still_sums() -> None:
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-c", _TWO_REPLICAS],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(repo), "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = dict(line.split() for line in done.stdout.splitlines() if line.count(" ") == 1)
+    found = printed_values(run_python(_TWO_REPLICAS))
     # SGD with rate 1 moved v by the sum of the two replicas' gradients (-2), not their mean.
     assert float(found["keras_apply_moves"]) == -2.0, "Keras changed: revisit step.py's division"
     assert float(found["max_diff"]) < 1e-6
