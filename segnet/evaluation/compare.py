@@ -224,19 +224,24 @@ def format_table(
     differences: Sequence[PairedDifference], class_names: dict[int, str] | None = None
 ) -> str:
     """The comparison as aligned text: one line per class and metric."""
+    names = class_names or {}
+    labels = {
+        d.label: f"{d.label} ({names[d.label]})" if d.label in names else str(d.label)
+        for d in differences
+    }
+    # The class column is as wide as its longest name ("1 (right ventricle)"), plus a space.
+    width = max([len("class"), *map(len, labels.values())]) + 1
     header = (
-        f"{'class':<18}{'metric':<9}{'cases':>6}{'baseline':>10}{'candidate':>11}"
+        f"{'class':<{width}}{'metric':<9}{'cases':>6}{'baseline':>10}{'candidate':>11}"
         f"{'difference':>20}{'better':>8}{'worse':>7}{'p':>9}"
     )
     lines = [header]
-    names = class_names or {}
     for d in differences:
-        name = f"{d.label} ({names[d.label]})" if d.label in names else str(d.label)
         spread = f"{_figure(d.mean, '+')} ± {_figure(d.standard_error)}"
         p = "-" if d.p_value is None else f"{d.p_value:.3g}"
         lines.append(
-            f"{name:<18}{d.metric:<9}{d.cases:>6}{d.baseline:>10.4f}{d.candidate:>11.4f}"
-            f"{spread:>20}{d.better:>8}{d.worse:>7}{p:>9}"
+            f"{labels[d.label]:<{width}}{d.metric:<9}{d.cases:>6}{d.baseline:>10.4f}"
+            f"{d.candidate:>11.4f}{spread:>20}{d.better:>8}{d.worse:>7}{p:>9}"
         )
     lines.append(
         "difference: candidate - baseline, mean ± standard error over the paired cases; "

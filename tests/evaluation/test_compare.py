@@ -97,3 +97,11 @@ def test_the_cli_prints_the_table_and_exits_2_on_bad_input(tmp_path: Path, capsy
     assert compare_main([str(base), str(cand), "--metric", "volume"]) == 2
     error = capsys.readouterr().err
     assert "--metric volume" in error and "Traceback" not in error
+
+
+def test_long_class_names_keep_the_columns_apart():
+    difference = compare.PairedDifference(1, "dice", 28, 0.7956, 0.8306, 0.035, 0.015, 21, 7, 0.02)
+    table = compare.format_table([difference], {1: "right ventricle"})
+    header, row = table.splitlines()[:2]
+    assert row.startswith("1 (right ventricle) dice")
+    assert header.index("metric") == row.index("dice")
