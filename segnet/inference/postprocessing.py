@@ -45,9 +45,7 @@ def keep_largest_component(
             f"labels must be a 3D integer label map, got shape {labels.shape} and dtype "
             f"{labels.dtype}; take the argmax of probabilities first"
         )
-    if connectivity not in _CONNECTIVITY_RANK:
-        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
-    structure = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[connectivity])
+    structure = _structure(connectivity)
     targets = np.unique(labels) if classes is None else np.asarray(classes)
     cleaned = labels.copy()
     for label in targets[targets != BACKGROUND]:
@@ -69,13 +67,20 @@ def pieces_per_class(labels: np.ndarray, connectivity: Literal[6, 18, 26] = 26) 
     Returns:
         ``{class: pieces}`` for every foreground class present.
     """
-    structure = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[connectivity])
+    structure = _structure(connectivity)
     boxes = ndimage.find_objects(np.asarray(labels, np.int64).clip(0))
     return {
         label: ndimage.label(labels[box] == label, structure=structure)[1]
         for label, box in enumerate(boxes, start=1)
         if box is not None
     }
+
+
+def _structure(connectivity: int) -> np.ndarray:
+    """scipy's neighbourhood for 6, 18 or 26 neighbours."""
+    if connectivity not in _CONNECTIVITY_RANK:
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+    return ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[connectivity])
 
 
 def _outside_largest(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
