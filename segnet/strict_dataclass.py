@@ -58,7 +58,7 @@ def _type_name(tp: Any) -> str:
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
+            return f"a list of {_PLURAL.get(args[0], _type_name(args[0]) + ' values')}"
         return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
     if tp is type(None):
         return "null"
@@ -67,6 +67,9 @@ def _type_name(tp: Any) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
+
+
+_PLURAL = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
 
 
 def _describe(value: Any) -> str:
@@ -119,10 +122,15 @@ def _convert_union(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
     # `X | None`, or the one member of the value's kind (a list or a scalar): the problem with
     # that member is the useful message (`must be one of 1, 2, 4, got 3`).
     same_kind = [a for a in real if _is_list_type(a) == isinstance(value, list | tuple)]
-    if len(real) == 1 or len(same_kind) == 1:
+    if len(real) == 1 or (len(same_kind) == 1 and not _is_plain_scalar(same_kind[0])):
         return _convert(value, (same_kind or real)[0], path, problems)
+    # A plain scalar member (`true/false`) alone would hide the list form the key also takes.
     problems.add(path, f"expected {_type_name(tp)}, got {_describe(value)}")
     return _MISSING
+
+
+def _is_plain_scalar(tp: Any) -> bool:
+    return tp in _PLURAL
 
 
 def _is_list_type(tp: Any) -> bool:

@@ -88,7 +88,7 @@ def test_shipped_configs_open_with_a_comment_block():
         ),
         (
             {"evaluation": {"keep_largest_component": "yes"}},
-            "evaluation.keep_largest_component: expected true/false, got 'yes'",
+            "evaluation.keep_largest_component: expected true/false or a list of integers, got 'yes'",
         ),
     ],
 )
