@@ -20,12 +20,20 @@ import keras
 from keras import ops
 
 from segnet.config import Activation, Norm, collapse, per_axis
+from segnet.models import in_plane
 
 _MAX_POOL = {2: keras.layers.MaxPooling2D, 3: keras.layers.MaxPooling3D}
 _DROPOUT = {2: keras.layers.SpatialDropout2D, 3: keras.layers.SpatialDropout3D}
 Size = int | Sequence[int]  # one value for every spatial axis, or one per axis
 
 NORMS: tuple[str, ...] = typing.get_args(Norm)  # the choices of model.<name>.norm
+# A convolution reading at most this many channels (the image's) computes in float32 under
+# mixed precision: oneDNN's bfloat16 kernels for one input channel are slow, its float32 ones
+# are not (benchmarks/bench_first_conv.py; AMX Xeon, batch 2: kernel gradient 26 ms in bfloat16
+# against 3.5 ms at 64^3 and 3x3x3, 45 against 3.7 ms at 160x192x8 and 3x3x1). From 8 input
+# channels bfloat16 is the faster again, and there the float32 path would also cost casts. In
+# 2D the two are even (10 against 11 ms for 12 slices of 256^2), so 2D convolutions keep the policy.
+FLOAT32_MAX_INPUT_CHANNELS = 3
 FUSES_RELU = ("batch", "instance")  # norms whose layer can apply the ReLU that follows it
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
 
@@ -153,6 +161,7 @@ def conv_block(
             spec.spatial_dims,
             kernel_size=kernel_size,
             use_bias=norm is None,
+            dtype="float32" if spec.spatial_dims == 3 and reads_few_channels(x) else None,
             name=f"{name}_conv{i}",
         )(x)
         if norm is not None:
@@ -166,6 +175,16 @@ def conv_block(
     if spec.dropout > 0:
         x = _DROPOUT[spec.spatial_dims](spec.dropout, name=f"{name}_dropout")(x)
     return x
+
+
+def reads_few_channels(x: Any) -> bool:
+    """Whether a convolution of ``x`` computes in float32 (``FLOAT32_MAX_INPUT_CHANNELS``).
+
+    Only under a mixed policy does that change anything; the layer's weights are float32 in
+    every policy, so checkpoints and ``.keras`` files hold the same variables either way.
+    """
+    channels = x.shape[-1]
+    return channels is not None and channels <= FLOAT32_MAX_INPUT_CHANNELS
 
 
 def down(x: Any, spatial_dims: int, name: str, pool_size: Size = 2) -> Any:
@@ -462,7 +481,19 @@ class _AddsOwnBias:
 
 @keras.saving.register_keras_serializable(package="segnet")
 class Conv3D(_AddsOwnBias, keras.layers.Conv3D):
-    """Keras's Conv3D; in bfloat16 or float16 its bias is added by ``_add_bias``."""
+    """Keras's Conv3D; in bfloat16 or float16 its bias is added by ``_add_bias``; in bfloat16
+    a kernel flat along one axis (3x3x1) takes its gradients from 2D kernels (``in_plane``)."""
+
+    def convolution_op(self, inputs: Any, kernel: Any) -> Any:
+        axis = None
+        if keras.backend.backend() == "tensorflow" and self.groups == 1:
+            axis = in_plane.flat_axis(
+                self.kernel_size, self.strides, self.dilation_rate, self.padding,
+                self.data_format, self.compute_dtype,
+            )  # fmt: skip
+        if axis is None:
+            return super().convolution_op(inputs, kernel)
+        return in_plane.conv3d(inputs, kernel, axis, self.padding)
 
 
 @keras.saving.register_keras_serializable(package="segnet")
