@@ -130,8 +130,8 @@ def _time(tree: Tree, say: Say) -> timing.StepTiming:
     patch = "x".join(map(str, config.data.patch_size))
     say(
         f"measured {measured.seconds * 1e3:.0f} ms per training step (median of "
-        f"{measured.steps}, fed by the input pipeline; batch {config.train.batch_size} of "
-        f"{patch}, {measured.precision}) on {measured.device}"
+        f"{measured.steps}; batch {config.train.batch_size} of {patch}, {measured.precision}) "
+        f"on {measured.device}"
     )
     return measured
 

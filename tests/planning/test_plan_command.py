@@ -7,7 +7,6 @@ from __future__ import annotations
 import segnet  # noqa: F401  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
 
 # isort: split
-import time
 from pathlib import Path
 
 import numpy as np
@@ -197,53 +196,3 @@ def test_timing_runs_real_steps_of_the_network():
     assert measured.seconds > 0 and measured.steps == 1
     assert measured.precision in ("float32", "mixed_bfloat16", "mixed_float16")
     assert measured.device
-
-
-UNET = {"name": "unet3d", "unet3d": {"depth": 1, "filters": 2}}
-SEGNET_2D = {"name": "segnet", "segnet": {"spatial_dims": 2, "depth": 1, "filters": 2}}
-
-
-def tiny_config(patch=(8, 8, 8), model=UNET) -> ExperimentConfig:
-    return build_config(
-        {
-            "data": {"num_classes": 3, "patch_size": list(patch)},
-            "model": model,
-            "train": {"batch_size": 2},
-        }
-    )
-
-
-def test_the_timed_steps_wait_for_the_input_pipeline(monkeypatch):
-    """The planner's step is fed by the trainer's pipeline, so a slow sampler shows in it (a
-    plan timed on a constant batch overran its budget by the pipeline's share)."""
-    from segnet.data import pipeline
-
-    drawn = []
-    sample = pipeline.PatchSampler.__call__
-
-    def slow_sample(self, index):
-        drawn.append(int(index))
-        time.sleep(0.25)
-        return sample(self, index)
-
-    monkeypatch.setattr(pipeline.PatchSampler, "__call__", slow_sample)
-    measured = timing.time_training_steps(tiny_config(), steps=2, warmup=1)
-    assert len(drawn) >= 6  # 3 batches of 2 at least
-    # Two 0.25 s samples per batch, drawn at most two at a time on this 2-core machine's
-    # pool: at least 0.25 s a step, against milliseconds for this network alone.
-    assert measured.seconds >= 0.2
-
-
-@pytest.mark.parametrize(("patch", "model"), [([8, 8, 8], UNET), ([1, 12, 16], SEGNET_2D)])
-def test_stand_in_cases_hold_every_class_and_fit_the_patch(tmp_path, patch, model):
-    from segnet.data.pipeline import check_training_cases
-
-    config = tiny_config(patch, model)
-    cases = timing.stand_in_cases(config, tmp_path)
-    # raises on anything the pipeline cannot use
-    check_training_cases(config, cases, config.spatial_dims)
-    for case in cases:
-        label = case.load_label()
-        assert all(s >= p for s, p in zip(label.shape, patch))
-        assert set(np.unique(label)) == {0, 1, 2}
-        assert sorted(case.load_foreground()) == [1, 2]
