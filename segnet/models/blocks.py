@@ -29,8 +29,8 @@ Size = int | Sequence[int]  # one value for every spatial axis, or one per axis
 NORMS: tuple[str, ...] = typing.get_args(Norm)  # the choices of model.<name>.norm
 # A convolution reading at most this many channels (the image's) computes in float32 under
 # mixed precision: oneDNN's bfloat16 kernels for one input channel are slow, its float32 ones
-# are not (benchmarks/bench_first_conv.py; AMX Xeon, batch 2: kernel gradient 26 ms in bfloat16
-# against 3.5 ms at 64^3 and 3x3x3, 45 against 3.7 ms at 160x192x8 and 3x3x1). From 8 input
+# are not (benchmarks/bench_conv_paths.py table 1; AMX Xeon, batch 2: kernel gradient 22.1 ms in
+# bfloat16 against 6.6 ms at 64^3 and 3x3x3, 34.0 against 4.1 ms at 160x192x8 and 3x3x1). From 8 input
 # channels bfloat16 is the faster again, and there the float32 path would also cost casts. In
 # 2D the two are even (10 against 11 ms for 12 slices of 256^2), so 2D convolutions keep the policy.
 FLOAT32_MAX_INPUT_CHANNELS = 3
